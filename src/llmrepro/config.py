@@ -1,0 +1,77 @@
+"""Resolving an experiment's parameters: profile merge, dotted overrides, validation against the recipe schema.
+
+Every error names the key path (`params.model.dtype: ...`) and all of them are reported at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from llmrepro.errors import UserError
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` merged into a copy of `base`: nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`a.b=1` -> (['a', 'b'], 1); the value is read as a YAML scalar (numbers, bools, null, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"bad override '{text}': expected dotted key=value, e.g. model.name=tiny-llama")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(params: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(params)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"bad override '{text}': params.{'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, prefix: str = "params") -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] not in ("extra_forbidden", "missing") and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(schema: type[BaseModel], params: dict, where: str) -> BaseModel:
+    try:
+        return schema.model_validate(params)
+    except ValidationError as err:
+        raise UserError(f"{where}: invalid config: {format_validation_error(err)}") from None
+
+
+def config_hash(recipe: str, params: dict) -> str:
+    blob = json.dumps({"recipe": recipe, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
