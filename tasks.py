@@ -6,13 +6,18 @@
     invoke list             # the experiment catalog
     invoke run EXP -p smoke # one experiment
     invoke smoke            # every experiment's smoke profile
+    invoke build --variant cpu                     # the OCI image (docker or podman, auto-detected)
+    invoke run EXP -p smoke --runtime podman       # one experiment in that image (--dry-run prints the command)
+    invoke save; invoke sif                        # OCI archive, then the Apptainer SIF made from it
+    invoke lock                                    # regenerate requirements/{cpu,cuda}.lock
 """
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 
-from invoke import task
+from invoke import Exit, task
 
 
 def _llmrepro(c, *args: str, pty: bool = False):
@@ -35,8 +40,10 @@ def test(c, k="", x=False):
 
 @task
 def lint(c):
-    """ruff on the Python code."""
+    """ruff on the Python code, hadolint on the Dockerfile, actionlint on the workflows."""
     c.run("ruff check src tests benchmarks tasks.py", echo=True)
+    c.run("hadolint docker/Dockerfile", echo=True)
+    c.run("actionlint", echo=True)
 
 
 @task(name="list")
@@ -45,17 +52,155 @@ def list_(c):
     _llmrepro(c, "list")
 
 
+RUNTIME_HELP = {"runtime": "local | docker | podman | apptainer (default local)",
+                "gpus": "use the GPUs (the cuda image; --gpus / CDI device / --nv)",
+                "dry_run": "print the exact container command instead of running it"}
+
+
 @task(help={"experiment": "experiment name, e.g. instruct/dolly-pythia-2.8b", "profile": "profile, e.g. smoke",
-            "override": "key=value (repeatable)", "force": "replace a finished run", "resume": "continue a run"},
+            "override": "key=value (repeatable)", "force": "replace a finished run", "resume": "continue a run",
+            **RUNTIME_HELP},
       iterable=["override"])
-def run(c, experiment, profile=None, override=None, force=False, resume=False):
-    """Run one experiment locally."""
+def run(c, experiment, profile=None, override=None, force=False, resume=False, runtime="local", gpus=False,
+        dry_run=False):
+    """Run one experiment locally or in the container image (outputs go to the host's output root)."""
     args = ["run", experiment] + (["--profile", profile] if profile else []) + (["--force"] if force else []) \
         + (["--resume"] if resume else []) + list(override or [])
-    _llmrepro(c, *args)
+    _llmrepro_in(c, runtime, args, gpus=gpus, dry_run=dry_run)
 
 
-@task(help={"only": "glob of experiments to include (repeatable)"}, iterable=["only"])
-def smoke(c, only=None):
-    """Every experiment's smoke profile, then a summary table."""
-    _llmrepro(c, "smoke", *[a for g in (only or []) for a in ("--only", g)])
+@task(help={"only": "glob of experiments to include (repeatable)", **RUNTIME_HELP}, iterable=["only"])
+def smoke(c, only=None, runtime="local", gpus=False, dry_run=False):
+    """Every experiment's smoke profile, then a summary table (in a container: with no network)."""
+    args = ["smoke", *[a for g in (only or []) for a in ("--only", g)]]
+    _llmrepro_in(c, runtime, args, gpus=gpus, dry_run=dry_run, network="none")
+
+
+# --- containers: the commands themselves are rendered by llmrepro.containers ---------------------------------
+
+
+@contextlib.contextmanager
+def _containers():
+    """Yield llmrepro.containers (imported on use, so `invoke setup` works before the package is installed);
+    a UserError becomes one line on stderr and exit code 2, as in the CLI."""
+    from llmrepro import containers
+    from llmrepro.errors import UserError
+
+    try:
+        yield containers
+    except UserError as err:
+        raise Exit(f"error: {err}", code=2) from None
+
+
+def _exec(c, argv: list[str], dry_run: bool, env: dict | None = None, pty: bool = False):
+    """Print the exact command; run it unless dry_run. `env` (secrets) is passed, never printed."""
+    if dry_run:
+        print(shlex.join(argv))
+        return
+    c.run(shlex.join(argv), echo=True, env=env or {}, pty=pty)
+
+
+def _llmrepro_in(c, runtime: str, args: list[str], *, gpus=False, dry_run=False, network=None):
+    if runtime == "local":
+        return _exec(c, ["llmrepro", *args], dry_run)
+    with _containers() as ct:
+        argv, env = ct.prepare_run(runtime, args, gpus=gpus, network=network, check=not dry_run)
+    _exec(c, argv, dry_run, env)
+
+
+@task(help={"variant": "cpu | cuda", "engine": "docker | podman (default: auto-detected)",
+            "base_image": "override the base image (default: the variant's pinned one)",
+            "ca_cert": "extra CA bundle for pip (default: the host pip's `cert`)",
+            "wheels": "local wheel folder for pip (default: the host pip's `find-links`)",
+            "dry_run": "print the build command instead of running it"})
+def build(c, variant="cpu", engine=None, base_image=None, ca_cert=None, wheels=None, dry_run=False):
+    """Build the image llmrepro:<version>-<variant>[-<git sha>] from docker/Dockerfile."""
+    with _containers() as ct:
+        engine = engine if dry_run and engine else ct.detect_engine(engine)
+        argv, notes = ct.prepare_build(engine, variant, base_image=base_image, ca_file=ca_cert, wheels=wheels)
+    for note in notes:
+        print(f"build: {note}")
+    _exec(c, argv, dry_run)
+
+
+@task(help={"variant": "cpu | cuda", "engine": "docker | podman (default: auto-detected)",
+            "dry_run": "print the command instead of running it"})
+def save(c, variant="cpu", engine=None, dry_run=False):
+    """Write the built image as an OCI archive under dist/ (the input of `invoke sif`)."""
+    with _containers() as ct:
+        engine = engine if dry_run and engine else ct.detect_engine(engine)
+        image = ct.image_tags(ct.__version__, variant, None)[0]
+        if not dry_run:
+            ct.require_image(engine, image, variant)
+            c.run("mkdir -p dist")
+    _exec(c, ct.save_command(engine, image, ct.archive_paths(ct.__version__, variant)[0]), dry_run)
+
+
+@task(help={"variant": "cpu | cuda", "engine": "engine that built the image, for its digest (default: auto)",
+            "dry_run": "print the command instead of running it"})
+def sif(c, variant="cpu", engine=None, dry_run=False):
+    """Build the Apptainer SIF from the archive of `invoke save`; its %labels carry the image digest."""
+    with _containers() as ct:
+        engine = engine if dry_run and engine else ct.detect_engine(engine)
+        archive, sif_path = ct.archive_paths(ct.__version__, variant)
+        image = ct.image_tags(ct.__version__, variant, None)[0]
+        digest = "sha256:<image id>" if dry_run else ct.image_id(engine, image)
+        bootstrap = "oci-archive" if engine == "podman" else "docker-archive"
+    _exec(c, ct.sif_command(archive, sif_path, digest, bootstrap), dry_run)
+
+
+@task(help={"runtime": "docker | podman | apptainer (default: the detected engine)", "gpus": RUNTIME_HELP["gpus"],
+            "dry_run": RUNTIME_HELP["dry_run"]})
+def shell(c, runtime=None, gpus=False, dry_run=False):
+    """An interactive shell in the image, with the same mounts as `invoke run`."""
+    with _containers() as ct:
+        argv, env = ct.prepare_run(runtime or ct.detect_engine(), [], gpus=gpus, shell=True, check=not dry_run)
+    _exec(c, argv, dry_run, env, pty=True)
+
+
+@task(help={"upgrade": "move every pin to the newest allowed version (default: keep pins, add what is new)"})
+def lock(c, upgrade=False):
+    """Regenerate requirements/cpu.lock (Python 3.11, torch CPU from the local wheel folder, dev tools) and
+    requirements/cuda.lock (Python 3.12 of the CUDA image, PyPI's CUDA torch), hash-pinned, with uv."""
+    common = "uv pip compile pyproject.toml --no-python-downloads --generate-hashes --python-platform x86_64-manylinux_2_28 " \
+             "--custom-compile-command 'invoke lock'" + (" --upgrade" if upgrade else "")
+    with _containers() as ct:
+        wheels = ct.pip_setting("find-links")
+    find_links = f" --find-links {shlex.quote(wheels)} --no-emit-find-links" if wheels else ""
+    c.run(f"{common} --python-version 3.11 --extra dev{find_links} -o requirements/cpu.lock", echo=True)
+    c.run(f"{common} --python-version 3.12 -o requirements/cuda.lock", echo=True)
+
+
+# --- SLURM: scripts are rendered and submitted by llmrepro.slurm ---------------------------------------------
+
+
+@task(help={"experiment": "experiment name, e.g. instruct/dolly-pythia-2.8b", "profile": "profile, e.g. smoke",
+            "runtime": "local (the project's environment) | apptainer (the SIF)", "override": "key=value (repeatable)",
+            "array": "one array task per slice of the experiment's `array:` section, then a dependent merge job",
+            "nodes": "nodes (default: the experiment's resources)", "gpus_per_node": "GPUs per node",
+            "procs_per_node": "torchrun processes per node (default: GPUs per node, or 1)",
+            "cpus_per_task": "CPUs per node", "mem": "memory per node, e.g. 64G", "time": "time limit, e.g. 04:00:00",
+            "partition": "partition", "deepspeed": "zero2 | zero3: train with that shipped DeepSpeed ZeRO config",
+            "output_dir": "output root (default $LLMREPRO_OUTPUT_DIR or ./outputs)",
+            "sif": "Apptainer image (default: the one `invoke sif` builds)", "dry_run": "print the script(s) only"},
+      iterable=["override"])
+def slurm(c, experiment, profile=None, runtime="local", override=None, array=False, nodes=None, gpus_per_node=None,
+          procs_per_node=None, cpus_per_task=None, mem=None, time=None, partition=None, deepspeed=None,
+          output_dir=None, sif=None, dry_run=False):
+    """Submit an experiment as a SLURM job (an array plus a merge job with --array); logs go next to its runs."""
+    with _containers():
+        from llmrepro import slurm as s
+
+        print(s.launch(experiment, dry_run=dry_run, profile=profile, runtime=runtime, overrides=list(override or []),
+                       array=array, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
+                       cpus_per_task=cpus_per_task, mem=mem, time=time, partition=partition, deepspeed=deepspeed,
+                       output_dir=output_dir, sif=sif))
+
+
+@task(name="slurm-status", help={"job": "job id printed by `invoke slurm`"})
+def slurm_status(c, job):
+    """State, reason, run time and log of a SLURM job or of each task of an array job."""
+    with _containers():
+        from llmrepro import slurm as s
+
+        print(s.status(job))

@@ -7,9 +7,11 @@ and profiles (at least `smoke`: a tiny model on tiny data) that are merged over 
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
@@ -38,12 +40,40 @@ class Resources(Strict):
     time: str = "04:00:00"
 
 
+class ArrayTasks(Strict):
+    """One array task per entry of `tasks` (dotted-key overrides) or per combination of `sweep` values."""
+
+    tasks: list[dict[str, Any]] = []
+    sweep: dict[str, list] = {}
+
+    def model_post_init(self, _) -> None:
+        if bool(self.tasks) == bool(self.sweep):
+            raise ValueError("give either tasks or sweep (one of them, not empty)")
+
+    def overrides(self) -> list[dict[str, Any]]:
+        if self.tasks:
+            return self.tasks
+        return [dict(zip(self.sweep, combo, strict=True)) for combo in itertools.product(*self.sweep.values())]
+
+
+class ArraySpec(ArrayTasks):
+    """How `invoke slurm --array` splits the experiment: its tasks (per profile if `profiles` names it), each
+    task's overrides applied over the profile, then one dependent run with the `merge` overrides."""
+
+    merge: dict[str, Any] | None = None
+    profiles: dict[str, ArrayTasks] = {}
+
+    def task_overrides(self, profile: str | None) -> list[dict[str, Any]]:
+        return (self.profiles.get(profile) or self).overrides()
+
+
 class ExperimentFile(Strict):
     recipe: str
     source: str
     description: str
     measures: str
     resources: Resources = Resources()
+    array: ArraySpec | None = None  # how a cluster array job splits it (`invoke slurm --array`)
     params: dict = {}
     profiles: dict[str, dict] = {}
 

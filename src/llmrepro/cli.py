@@ -124,10 +124,18 @@ def cmd_reproduce(args) -> int:
     return 1 if differs else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmrepro", description=__doc__.split("\n")[0])
+    p = _Parser(prog="llmrepro", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"llmrepro {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("-v", "--verbose", action="store_true", help="show the run log on the console too")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("list", help="experiments: source project, recipe, what it measures").set_defaults(fn=cmd_list)
     s = sub.add_parser("show", help="the fully resolved config of an experiment")
@@ -164,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging() -> None:
+def _setup_logging(verbose: bool) -> None:
+    """Warnings on the console (so bad input stays one line), everything from INFO up in each run's run.log."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("llmrepro").setLevel(logging.INFO)
     if not progress_enabled():
         import datasets
@@ -176,9 +187,15 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (`run EXP --profile smoke a.b=1`), which argparse cannot interleave
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        _setup_logging()
+        _setup_logging(args.verbose)
         return args.fn(args)
     except UserError as err:
         print(f"llmrepro: error: {err}", file=sys.stderr)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmrepro.errors import UserError
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -31,6 +34,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"bad override '{text}': expected dotted key=value, e.g. model.name=tiny-llama")
+    if _SCIENTIFIC.fullmatch(raw):  # YAML 1.1 reads 5e-6 as a string
+        return key.split("."), float(raw)
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:

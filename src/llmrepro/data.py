@@ -94,6 +94,8 @@ def check_rows(rows: list[dict], fmt: str, source: str) -> None:
                 raise UserError(f"dataset {source}: row {i}: missing column '{col}' (format {fmt} needs "
                                 f"{', '.join(columns)})")
             value = row[col]
+            if value is None:  # the json loader fills a key missing from some rows with null
+                raise UserError(f"dataset {source}: row {i}, column '{col}': missing value")
             if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
                 raise UserError(f"dataset {source}: row {i}, column '{col}': expected {typ.__name__}, "
                                 f"got {type(value).__name__} {value!r:.40}")

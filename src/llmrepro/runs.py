@@ -92,6 +92,8 @@ class RunContext:
 def _add_log_file(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log.getEffectiveLevel() > logging.INFO:  # the run log always has the run's own messages
+        log.setLevel(logging.INFO)
     logging.getLogger().addHandler(handler)
     return handler
 
@@ -107,22 +109,11 @@ def execute(spec: RunSpec, output_dir: str | Path | None = None, *, run_id: str 
     exp_dir = output_root(output_dir) / spec.experiment
     final, partial = exp_dir / run_id, exp_dir / f"{run_id}.partial"
 
-    if final.exists() and not force:
-        raise UserError(f"a finished run already exists at {final}; pass --force to replace it")
-    resuming = False
-    if partial.exists():
-        if resume and not recipe.SUPPORTS_RESUME:
-            raise UserError(f"recipe '{spec.recipe}' cannot resume; pass --force to start {partial} over")
-        if resume:
-            resuming = True
-        elif force:
-            shutil.rmtree(partial)
-        else:
-            raise UserError(f"an incomplete run exists at {partial}; pass --resume to continue it "
-                            "or --force to start over")
+    rank, group = _distributed()
+    resuming, created = _on_rank0(group, lambda: _claim(recipe, spec, final, partial, resume, force))
+    if rank > 0:
+        return _follow(recipe, cfg, partial, final, resuming, group)
 
-    created = [d for d in (exp_dir, *exp_dir.parents) if not d.exists()]
-    partial.mkdir(parents=True, exist_ok=True)
     manifest = _start_manifest(spec, run_id, partial, resuming)
     (partial / "config.yaml").write_text(yaml.safe_dump(
         {"experiment": spec.experiment, "recipe": spec.recipe, "profile": spec.profile,
@@ -151,12 +142,80 @@ def execute(spec: RunSpec, output_dir: str | Path | None = None, *, run_id: str 
         logging.getLogger().removeHandler(handler)
         handler.close()
 
+    if group is not None:  # every rank has finished writing before the directory is renamed
+        import torch.distributed as dist
+
+        dist.barrier(group)
     write_json(partial / "metrics.json", metrics)
     manifest.update(status="complete", finished=_now(), duration_s=round(time.perf_counter() - started, 3),
                     metrics=metrics)
     write_json(partial / "manifest.json", manifest)
     _publish(partial, final)
     log.info("run complete: %s", final)
+    return final
+
+
+def _claim(recipe, spec: RunSpec, final: Path, partial: Path, resume: bool, force: bool) -> tuple[bool, list[Path]]:
+    """Check for an earlier run of this id and make the `.partial` directory: (resuming, directories created)."""
+    if final.exists() and not force:
+        raise UserError(f"a finished run already exists at {final}; pass --force to replace it")
+    resuming = False
+    if partial.exists():
+        if resume and not recipe.SUPPORTS_RESUME:
+            raise UserError(f"recipe '{spec.recipe}' cannot resume; pass --force to start {partial} over")
+        if resume:
+            resuming = True
+        elif force:
+            shutil.rmtree(partial)
+        else:
+            raise UserError(f"an incomplete run exists at {partial}; pass --resume to continue it "
+                            "or --force to start over")
+    created = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
+    partial.mkdir(parents=True, exist_ok=True)
+    return resuming, created
+
+
+def _distributed() -> tuple[int, object]:
+    """(rank, a gloo group for coordination) under torchrun with several processes, else (0, None).
+
+    Rank 0 alone claims, records and publishes the run directory; the other ranks train in the same
+    `.partial` directory (Trainer writes checkpoints from rank 0 only).
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group()  # env:// from torchrun; Trainer (accelerate) reuses this group
+    return dist.get_rank(), dist.new_group(backend="gloo")
+
+
+def _on_rank0(group, fn):
+    """`fn()` on rank 0, its result or its UserError shared with every rank; plain `fn()` without torchrun."""
+    if group is None:
+        return fn()
+    import torch.distributed as dist
+
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (None, fn())
+        except UserError as err:
+            box[0] = (str(err), None)
+    dist.broadcast_object_list(box, src=0, group=group)
+    error, result = box[0]
+    if error:
+        raise UserError(error)
+    return result
+
+
+def _follow(recipe, cfg: RecipeConfig, partial: Path, final: Path, resuming: bool, group) -> Path:
+    """A rank other than 0: run the recipe in rank 0's `.partial` directory, then wait for everyone."""
+    import torch.distributed as dist
+
+    _seed_everything(cfg.seed)
+    recipe.run(cfg, RunContext(partial, resuming, log, {"inputs": {}}))
+    dist.barrier(group)
     return final
 
 
@@ -177,6 +236,7 @@ def _start_manifest(spec: RunSpec, run_id: str, partial: Path, resuming: bool) -
         "started": _now(),
         "resumed_from": previous.get("status") if resuming else None,
         "attempts": previous.get("attempts", 0) + 1,
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "inputs": {},
         **provenance.collect(),
     }

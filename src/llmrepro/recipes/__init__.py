@@ -17,6 +17,16 @@ from llmrepro.errors import UserError
 
 RECIPES: dict[str, str] = {
     "instruct-sft": "llmrepro.recipes.instruct_sft",
+    "extract-gradients": "llmrepro.recipes.extract_gradients",
+    "score-gradients": "llmrepro.recipes.score_gradients",
+    "projection-quality": "llmrepro.recipes.projection_quality",
+    "memory-efficiency": "llmrepro.recipes.memory_efficiency",
+    "fused-step-timing": "llmrepro.recipes.fused_step_timing",
+    "memory-report": "llmrepro.recipes.memory_report",
+    "make-variants": "llmrepro.recipes.make_variants",
+    "gradient-similarity": "llmrepro.recipes.gradient_similarity",
+    "layer-dot-products": "llmrepro.recipes.layer_dot_products",
+    "layer-analysis": "llmrepro.recipes.layer_analysis",
 }
 
 

@@ -18,9 +18,11 @@ Training is `transformers.Trainer`; this module only supplies the data and the c
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
+from transformers import TrainerCallback
 
 from llmrepro import data, memory
 from llmrepro.data import DataConfig
@@ -32,6 +34,8 @@ from llmrepro.recipes.base import RecipeConfig, Strict
 NAME = "instruct-sft"
 DESCRIPTION = "Instruction SFT with the Dolly template and completion-only loss (transformers Trainer)"
 SUPPORTS_RESUME = True
+SUPPORTS_DISTRIBUTED = True  # under torchrun, Trainer trains data-parallel (DDP, or DeepSpeed with train.deepspeed)
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"  # zero2.json, zero3.json
 
 INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 INSTRUCTION_KEY, INPUT_KEY, RESPONSE_KEY, END_KEY = "### Instruction:", "### Input:", "### Response:", "### End"
@@ -54,6 +58,7 @@ class TrainConfig(Strict):
     logging_steps: int = Field(10, ge=1)
     max_length: int = Field(1024, ge=16)
     bf16: bool = False
+    deepspeed: str | None = None  # zero2 | zero3 (the shipped ZeRO configs) or a DeepSpeed JSON file; needs deepspeed
 
 
 class Config(RecipeConfig):
@@ -116,6 +121,16 @@ class CompletionOnlyCollator:
         return {k: torch.as_tensor(v) for k, v in batch.items()}
 
 
+class LogToRun(TrainerCallback):
+    """Writes each Trainer log (loss, lr, eval loss) to the run log."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.log.info("step %d: %s", state.global_step, logs)
+
+
 def build_examples(rows: list[dict], cfg: Config, tokenizer) -> tuple[list[dict], dict]:
     """Tokenized examples and counts of what was filtered out (category, too long, no response key)."""
     key = tokenizer.encode(RESPONSE_KEY_NL, add_special_tokens=False)
@@ -139,7 +154,8 @@ def build_examples(rows: list[dict], cfg: Config, tokenizer) -> tuple[list[dict]
 
 def run(cfg: Config, ctx) -> dict:
     import datasets
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     tokenizer = load_tokenizer(cfg.model)
     rows = data.load_rows(cfg.data, ctx)
@@ -165,13 +181,21 @@ def run(cfg: Config, ctx) -> dict:
         logging_steps=t.logging_steps, bf16=t.bf16, report_to=["wandb"] if ctx.manifest.get("tracking") else [],
         disable_tqdm=not progress_enabled(), remove_unused_columns=False,
         dataloader_num_workers=0, dataloader_pin_memory=False,
+        deepspeed=str(DEEPSPEED_CONFIGS / f"{t.deepspeed}.json") if t.deepspeed in ("zero2", "zero3") else t.deepspeed,
     )
     trainer = Trainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                       data_collator=CompletionOnlyCollator(tokenizer, tokenizer.encode(RESPONSE_KEY_NL,
                                                                                        add_special_tokens=False)))
+    trainer.remove_callback(PrinterCallback)  # Trainer's logs go to run.log, not stdout
+    trainer.add_callback(LogToRun(ctx.log))
+    resumable = ctx.resume and (ctx.dir / "checkpoints").is_dir()
+    checkpoint = get_last_checkpoint(str(ctx.dir / "checkpoints")) if resumable else None
+    if checkpoint and cfg.model.lora is None:
+        # transformers 5 saves some architectures under legacy weight names (GPT-NeoX: embed_out) that Trainer's
+        # resume does not map back, leaving lm_head at its initial values; from_pretrained maps them.
+        model.load_state_dict(type(model).from_pretrained(checkpoint, dtype=model.dtype).state_dict())
     memory.reset_peak()
-    resume = ctx.resume and any((ctx.dir / "checkpoints").glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -190,7 +214,8 @@ def run(cfg: Config, ctx) -> dict:
         "peak_memory_mb": memory.peak_mb(),
     }
     if cfg.save_model:
-        trainer.save_model(str(ctx.dir / "model"))
-        tokenizer.save_pretrained(str(ctx.dir / "model"))
+        trainer.save_model(str(ctx.dir / "model"))  # every rank calls it (ZeRO-3 gathers); rank 0 writes
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(ctx.dir / "model"))
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.state.global_step)
     return metrics

@@ -1,0 +1,306 @@
+"""extract-gradients: per-sample loss gradients, optionally randomly projected, stored in shards.
+
+Reproduces `extract_gradients.py` of the 'Gradient dimensionality reduction for instance-based explainability'
+project: for every sample, the gradient of its loss with respect to the input embeddings (T x d, padded to
+`max_length` and flattened), projected with traker (`normal` | `rademacher`, seed 42, default 16384 dims) or
+kept in full, stored `gradients_per_file` to a file under
+`gradients/{type}_{dim}|full/{model}/{dataset}/{split}/{checkpoint}/{start}_{end}`, or only their mean
+(`mode: store_mean`). Paradigms `pre`, `mlm` and `sft` as in `llmrepro.gradients`; the model is read at a
+checkpoint index into its revisions (for hub models the branches, ordered by training stage and step).
+
+Added: `target: parameters | lora` (per-sample parameter gradients via vmap); `shard_start`/`shard_end`
+to split one extraction across a cluster array, and `merge: true` to gather the shards of this
+experiment's other runs into one run that equals a single-process extraction:
+
+    llmrepro run gradients/X shard_start=0 shard_end=1   # ... one task per shard range
+    llmrepro run gradients/X merge=true                  # checks that every shard is there
+
+Deliberate differences from the source, all bug fixes or speed: samples are processed in batches (one
+backward per batch; exact, see `llmrepro.gradients`); the projection matrix is built once, not per sample;
+shards are written atomically with a completion marker and `--resume` skips finished ones; the last,
+shorter shard is kept (the source's range ran past the dataset, so an exception dropped it silently);
+the model runs in eval mode with the attention mask; the mean is accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from llmrepro import data, gradients, memory, shards
+from llmrepro.data import DataConfig
+from llmrepro.errors import UserError
+from llmrepro.models import ModelConfig, load_model, load_tokenizer, locate
+from llmrepro.projection import Projection, Projector
+from llmrepro.recipes.base import RecipeConfig, Strict
+
+NAME = "extract-gradients"
+DESCRIPTION = "Per-sample loss gradients (inputs_embeds | parameters | lora), randomly projected, in shards"
+SUPPORTS_RESUME = True
+SHARD_KEYS = ("shard_start", "shard_end", "merge", "tracking")  # what may differ between runs of one extraction
+
+
+class Config(RecipeConfig):
+    model: ModelConfig
+    data: DataConfig
+    paradigm: gradients.Paradigm = "sft"
+    target: gradients.Target = "inputs_embeds"
+    checkpoint: int | str = 0  # index into the model's revisions, or a revision name
+    revisions: list[str] | None = None  # the revisions an index refers to (default: the hub's branches)
+    projection: Projection | None = None  # none: store full gradients
+    mode: Literal["store", "store_mean"] = "store"
+    gradients_per_file: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(4096, ge=2)  # tokens; inputs_embeds gradients are zero-padded to this length
+    grad_dtype: Literal["float16", "float32"] = "float16"  # the source stored half precision
+    vmap_chunk_size: int | None = Field(None, ge=1)  # parameter targets: samples differentiated at once
+    device: str | None = None  # default: cuda when available, else cpu
+    shard_start: int = Field(0, ge=0)  # first shard (of gradients_per_file samples) this run computes
+    shard_end: int | None = Field(None, ge=1)  # one past the last shard; none: to the end
+    merge: bool = False  # gather finished shards from this experiment's other runs instead of computing
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.model.revision is not None:
+            raise ValueError("set the model revision through checkpoint (an index or a revision name), "
+                             "not model.revision")
+        if self.data.format != "chat" and self.paradigm == "sft":
+            raise ValueError(f"paradigm sft needs chat data (data.format: chat), not {self.data.format}")
+        if self.data.format not in ("chat", "alpaca", "dolly", "evol-instruct", "hc3", "true-false"):
+            raise ValueError(f"data.format {self.data.format} has no training text; use chat, alpaca-style or true-false")
+        if (self.target == "lora") != (self.model.lora is not None):
+            raise ValueError("target lora and model.lora go together: set both or neither")
+        if self.shard_end is not None and self.shard_end <= self.shard_start:
+            raise ValueError(f"shard_end ({self.shard_end}) must be greater than shard_start ({self.shard_start})")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _stage_key(branch: str) -> tuple:
+    """OLMo branch names `stage1-step1000-tokens5B`, `stage2-ingredient1-step1000-tokens5B`: (stage, ingr., step)."""
+    nums = {k: int(v) for k, v in re.findall(r"(stage|ingredient|step)(\d+)", branch)}
+    return nums.get("stage", 0), nums.get("ingredient", 0), nums.get("step", 0), branch
+
+
+def hub_revisions(name: str) -> list[str]:
+    """The hub branches of `name` ordered by training progress, `main` last (the source's order)."""
+    from huggingface_hub import list_repo_refs
+
+    try:
+        branches = [b.name for b in list_repo_refs(name).branches]
+    except Exception as err:  # offline, unknown repo, no access: all end here
+        raise UserError(f"checkpoint index for '{name}' needs the hub's list of revisions, which failed "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                        "give checkpoint as a revision name instead") from None
+    return sorted((b for b in branches if b != "main"), key=_stage_key) + ["main"]
+
+
+def resolve_checkpoint(cfg: Config) -> str:
+    """The revision name `cfg.checkpoint` refers to."""
+    if isinstance(cfg.checkpoint, str):
+        return cfg.checkpoint
+    if cfg.revisions is not None:
+        revisions = cfg.revisions
+    elif locate(cfg.model)[1]["source"] == "hub":
+        revisions = hub_revisions(cfg.model.name)
+    else:
+        revisions = ["main"]  # a tiny or local model is its only checkpoint
+    if not 0 <= cfg.checkpoint < len(revisions):
+        raise UserError(f"checkpoint index {cfg.checkpoint} out of range ({len(revisions)} checkpoints)")
+    return revisions[cfg.checkpoint]
+
+
+# ------------------------------------------------------------------------------------------ extraction
+
+def _device(cfg: Config) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def grad_dim(model, cfg: Config) -> int:
+    if cfg.target == "inputs_embeds":
+        return cfg.max_length * model.get_input_embeddings().embedding_dim
+    return sum(p.numel() for p in gradients.select_params(model, cfg.target).values())
+
+
+def batch_grads(model, batch: dict, cfg: Config) -> torch.Tensor:
+    """(B, grad_dim) flattened per-sample gradients; input gradients zero-padded to max_length tokens."""
+    if cfg.target == "inputs_embeds":
+        g = gradients.input_grads(model, batch, cfg.paradigm)  # (B, T, d)
+        g = torch.nn.functional.pad(g, (0, 0, 0, cfg.max_length - g.shape[1]))  # (B, max_length, d)
+        return g.flatten(start_dim=1)
+    return gradients.flatten(gradients.per_sample_grads(model, batch, cfg.paradigm, cfg.target, cfg.vmap_chunk_size))
+
+
+def extract_range(model, examples: list[dict], pad_id: int, cfg: Config, projector: Projector | None) -> torch.Tensor:
+    """Gradients (projected if configured) of `examples`, in order: (len(examples), D)."""
+    dtype = getattr(torch, cfg.grad_dtype)
+    rows = []
+    for i in range(0, len(examples), cfg.batch_size):
+        g = batch_grads(model, gradients.collate(examples[i:i + cfg.batch_size], pad_id), cfg).detach().to(dtype)
+        rows.append((projector.project(g) if projector else g).cpu())
+    return torch.cat(rows)
+
+
+def write_mean(out: Path, n: int, per_file: int) -> torch.Tensor:
+    """Sum the per-shard sums (in shard order) into `mean`."""
+    mean = shards.load_all(out / "sums", n, per_file).sum(dim=0, keepdim=True) / n
+    shards.save(out / "mean", mean)
+    return mean
+
+
+def run(cfg: Config, ctx) -> dict:
+    if cfg.merge:
+        return merge_runs(cfg, ctx)
+    device = _device(cfg)
+    revision = resolve_checkpoint(cfg)
+    model_cfg = cfg.model.model_copy(update={"revision": revision if locate(cfg.model)[1]["source"] == "hub" else None})
+    tokenizer = load_tokenizer(model_cfg)
+    rows = data.load_rows(cfg.data, ctx)
+    model = load_model(model_cfg, task="masked-lm" if cfg.paradigm == "mlm" else "causal-lm", ctx=ctx)
+    if not cfg.model.device_map:
+        model.to(device)
+    model.eval()
+
+    folder = cfg.projection.folder if cfg.projection else "full"
+    out = shards.gradient_dir(ctx.dir / "gradients", folder, cfg.model.name, cfg.data.name, cfg.data.split, revision)
+    dim = grad_dim(model, cfg)
+    projector = Projector(cfg.projection, dim, device) if cfg.projection else None
+    shards.check_meta(out, {
+        "samples": len(rows), "gradients_per_file": cfg.gradients_per_file, "mode": cfg.mode, "target": cfg.target,
+        "paradigm": cfg.paradigm, "revision": revision, "grad_dim": dim, "grad_dtype": cfg.grad_dtype,
+        "max_length": cfg.max_length, "projection": projector.describe() if projector else None})
+
+    all_ranges = shards.ranges(len(rows), cfg.gradients_per_file)
+    todo = all_ranges[cfg.shard_start:cfg.shard_end]
+    if not todo:
+        ctx.log.warning("shards %d..%s: none exist (%d shards in all); nothing to do",
+                        cfg.shard_start, cfg.shard_end, len(all_ranges))
+    target_dir = out / "sums" if cfg.mode == "store_mean" else out
+    epoch = cfg.checkpoint if isinstance(cfg.checkpoint, int) else 0  # the source's MLM masking epoch
+    memory.reset_peak()
+    started, computed, skipped = time.perf_counter(), 0, 0
+    for start, end in ctx.progress(todo, desc="shards", total=len(todo)):
+        if shards.is_done(target_dir, start, end):
+            skipped += 1
+            continue
+        examples = [gradients.encode(rows[i], cfg.data.format, tokenizer, cfg.paradigm, cfg.max_length, epoch)
+                    for i in range(start, end)]
+        g = extract_range(model, examples, tokenizer.pad_token_id, cfg, projector)
+        if cfg.mode == "store_mean":
+            g = g.float().sum(dim=0, keepdim=True)
+        shards.write(target_dir, start, end, g)
+        computed += end - start
+        ctx.log.info("shard %s: %d samples", shards.name(start, end), end - start)
+    elapsed = time.perf_counter() - started
+
+    metrics = {"samples": len(rows), "shards_total": len(all_ranges), "shards_in_range": len(todo),
+               "shards_skipped": skipped, "samples_computed": computed, "grad_dim": dim,
+               "dim": cfg.projection.dim if cfg.projection else dim}
+    if cfg.mode == "store_mean" and len(todo) == len(all_ranges):
+        metrics["mean_norm"] = write_mean(out, len(rows), cfg.gradients_per_file).float().norm().item()
+    elif cfg.mode == "store":
+        norms = [shards.read(out, *r).float().norm(dim=1) for r in todo]
+        metrics["grad_norm_mean"] = torch.cat(norms).mean().item() if norms else 0.0
+    metrics.update(extract_time_s=elapsed, samples_per_s=computed / elapsed if computed else 0.0,
+                   peak_memory_mb=memory.peak_mb())
+    ctx.log_metrics(metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+def _shared_params(run_dir: Path) -> dict | None:
+    import yaml
+
+    try:
+        params = yaml.safe_load((run_dir / "config.yaml").read_text())["params"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return {k: v for k, v in params.items() if k not in SHARD_KEYS}
+
+
+def merge_runs(cfg: Config, ctx) -> dict:
+    """Gather the shards of this experiment's runs with the same settings (any shard range) into ctx.dir."""
+    mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SHARD_KEYS}
+    runs = sorted(d for d in ctx.dir.parent.iterdir() if d != ctx.dir and _shared_params(d) == mine)
+    found = [(d, m.parent) for d in runs for m in (d / "gradients").glob("**/extraction.json")]
+    if not found:
+        raise UserError(f"merge: no runs of this extraction under {ctx.dir.parent} to merge; "
+                        "run its shard ranges first (shard_start=... shard_end=...)")
+    metas = {json.dumps(json.loads((g / "extraction.json").read_text()), sort_keys=True) for _, g in found}
+    if len(metas) > 1:
+        raise UserError(f"merge: the runs under {ctx.dir.parent} made their shards differently "
+                        "(extraction.json differs); re-run them with the same settings")
+    meta = json.loads((found[0][1] / "extraction.json").read_text())
+    out = ctx.dir / found[0][1].relative_to(found[0][0])
+    shards.check_meta(out, meta)
+    wanted = shards.ranges(meta["samples"], meta["gradients_per_file"])
+    sub = "sums" if meta["mode"] == "store_mean" else "."
+    shards.merge([(g / sub) for _, g in found], out / sub, wanted)
+    ctx.log.info("merged %d shards from %d runs into %s", len(wanted), len(found), out)
+    metrics = {"samples": meta["samples"], "shards_total": len(wanted), "runs_merged": len(found)}
+    if meta["mode"] == "store_mean":
+        metrics["mean_norm"] = write_mean(out, meta["samples"], meta["gradients_per_file"]).float().norm().item()
+    else:
+        metrics["grad_norm_mean"] = torch.cat([shards.read(out, *r).float().norm(dim=1) for r in wanted]).mean().item()
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ reading runs
+
+class GradientsRef(Strict):
+    """Where another recipe finds extracted gradients: an experiment (+ profile, overrides) or a run directory."""
+
+    experiment: str | None = None  # e.g. gradients/olmo2-7b-sft-full-train; run first if it has not been
+    profile: str | None = None
+    overrides: list[str] = []
+    run_dir: str | None = None  # a finished extract-gradients run directory instead
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.experiment is None) == (self.run_dir is None):
+            raise ValueError("give either experiment (with profile/overrides) or run_dir")
+        return self
+
+
+def find_run(ref: GradientsRef, ctx) -> Path:
+    """The finished extraction run `ref` names; an experiment's run is executed first when missing."""
+    from llmrepro import catalog, runs
+
+    if ref.run_dir is not None:
+        path = Path(ref.run_dir)
+        if not (path / "config.yaml").is_file() or not (path / "gradients").is_dir():
+            raise UserError(f"{path}: not a finished extract-gradients run (no config.yaml or gradients/)")
+        return path
+    exp = catalog.load(ref.experiment)
+    if exp.spec.recipe != NAME:
+        raise UserError(f"experiment {ref.experiment} runs {exp.spec.recipe}, not {NAME}")
+    spec = runs.RunSpec(exp.name, NAME, exp.resolve(ref.profile, ref.overrides).model_dump(mode="json"),
+                        ref.profile, list(ref.overrides))
+    root = ctx.dir.parents[len(Path(ctx.manifest["experiment"]).parts)]  # <root>/<experiment>/<run>
+    final = root / exp.name / spec.default_run_id
+    if not (final / "metrics.json").is_file():
+        ctx.log.info("gradients of %s (profile %s) not found at %s: extracting them first", exp.name, ref.profile, final)
+        final = runs.execute(spec, root)
+    return final
+
+
+def load_run(run_dir: Path) -> tuple[torch.Tensor, dict, dict]:
+    """(all stored per-sample gradients (N, D), the run's params, its extraction.json) of a `store` run."""
+    import yaml
+
+    metas = list((run_dir / "gradients").glob("**/extraction.json"))
+    if len(metas) != 1:
+        raise UserError(f"{run_dir}: expected one gradient directory, found {len(metas)}")
+    meta = json.loads(metas[0].read_text())
+    if meta["mode"] != "store":
+        raise UserError(f"{run_dir}: stores only the mean gradient (mode store_mean); per-sample gradients are needed")
+    grads = shards.load_all(metas[0].parent, meta["samples"], meta["gradients_per_file"])
+    return grads, yaml.safe_load((run_dir / "config.yaml").read_text())["params"], meta

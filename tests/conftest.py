@@ -1,0 +1,35 @@
+"""Test environment: offline, tiny models cached once per session, no progress bars, no tracking."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["LLMREPRO_PROGRESS"] = "0"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.pop("LLMREPRO_OUTPUT_DIR", None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llmrepro_cache(tmp_path_factory):
+    """One tiny-model and fixture cache for the whole session (LLMREPRO_CACHE may point at a warm one)."""
+    if "LLMREPRO_CACHE" not in os.environ:
+        os.environ["LLMREPRO_CACHE"] = str(tmp_path_factory.mktemp("llmrepro-cache"))
+    return os.environ["LLMREPRO_CACHE"]
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the real CLI in-process; returns (exit code, stdout, stderr)."""
+    from llmrepro.cli import main
+
+    def run(*args: str):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
