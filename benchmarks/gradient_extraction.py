@@ -1,6 +1,6 @@
 """Gradient extraction benchmark: this recipe's batched extraction against the source's one-at-a-time loop.
 
-    python benchmarks/gradient_extraction.py [--samples 64] [--source-samples 16] [--proj-dim 2048]
+    python benchmarks/gradient_extraction.py [--samples 64] [--source-samples 8] [--proj-dim 2048] [--memory-samples 16]
 
 On a tiny-llama scaled to about 10M parameters, sequences of 128 tokens (synthetic Tulu chat rows, sft
 paradigm), gradients w.r.t. inputs_embeds projected with traker's BasicProjector (Rademacher), all in
@@ -12,9 +12,9 @@ one process so the ratios compare like with like:
 - overhead_vs_batched: per-sample extraction time over one plain batched forward+backward of the same
   samples; goal <= 2x.
 - memory_growth_4x: peak RSS of the real `extract-gradients` run (fresh process each) on 4x the samples
-  over that on 1x, with the same shard size; goal ~1 (flat: shards are streamed to disk).
+  over that on 1x (`--memory-samples`), with the same shard size; goal ~1 (shards are streamed to disk).
 - spearman: mean Spearman rho, over test samples, of train rankings (dot product) by gradients projected
-  to the default 16384 dims against the full gradients.
+  to the default 16384 dims against the full gradients (8 test samples against the other train samples).
 Ends with `RESULT speedup_vs_source=<x> overhead_vs_batched=<x> memory_growth_4x=<x> spearman=<x>`.
 """
 
@@ -77,15 +77,19 @@ def source_way(model, tok, examples, proj_dim: int) -> float:
     return timed(loop) / len(examples)
 
 
-def recipe_way(model, tok, examples, projector: Projector, batch_size: int) -> float:
-    def run():
+def recipe_way(model, tok, examples, projector: Projector, batch_size: int) -> tuple[float, torch.Tensor]:
+    """(seconds per sample, the full (N, D) gradients): one backward and one projection call per batch."""
+    def batches():
         for i in range(0, len(examples), batch_size):
-            batch = gradients.collate(examples[i:i + batch_size], tok.pad_token_id)
-            g = gradients.input_grads(model, batch, "sft")
-            projector.project(torch.nn.functional.pad(g, (0, 0, 0, SEQ - g.shape[1])).flatten(1))
+            g = gradients.input_grads(model, gradients.collate(examples[i:i + batch_size], tok.pad_token_id), "sft")
+            g = torch.nn.functional.pad(g, (0, 0, 0, SEQ - g.shape[1])).flatten(1).detach()
+            projector.project(g)
+            yield g
 
-    run()  # warm-up: the projection matrix is generated once, on the first call
-    return timed(run) / len(examples)
+    projector.project(torch.zeros(1, projector.grad_dim))  # the matrix is generated once, before timing
+    start = time.perf_counter()
+    grads = torch.cat(list(batches()))
+    return (time.perf_counter() - start) / len(examples), grads
 
 
 def batched_forward_backward(model, tok, examples, batch_size: int) -> float:
@@ -94,16 +98,7 @@ def batched_forward_backward(model, tok, examples, batch_size: int) -> float:
             model.zero_grad()
             model(**gradients.collate(examples[i:i + batch_size], tok.pad_token_id)).loss.backward()
 
-    run()
     return timed(run) / len(examples)
-
-
-def full_grads(model, tok, examples, batch_size: int) -> torch.Tensor:
-    out = []
-    for i in range(0, len(examples), batch_size):
-        g = gradients.input_grads(model, gradients.collate(examples[i:i + batch_size], tok.pad_token_id), "sft")
-        out.append(torch.nn.functional.pad(g, (0, 0, 0, SEQ - g.shape[1])).flatten(1).detach())
-    return torch.cat(out)
 
 
 def recipe_peak_mb(data_file: Path, samples: int, per_file: int, proj_dim: int, out: Path) -> float:
@@ -121,9 +116,10 @@ def recipe_peak_mb(data_file: Path, samples: int, per_file: int, proj_dim: int, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--source-samples", type=int, default=16)
+    p.add_argument("--source-samples", type=int, default=8)
     p.add_argument("--proj-dim", type=int, default=2048, help="projection dimension for the throughput runs")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--memory-samples", type=int, default=16, help="samples of the 1x memory run (4x: four times)")
     args = p.parse_args()
     torch.manual_seed(0)
 
@@ -135,7 +131,7 @@ def main() -> None:
           f"{np.mean([len(e['input_ids']) for e in examples]):.0f} tokens; gradient dim {SEQ * model.config.hidden_size}")
 
     projector = Projector(Projection(dim=args.proj_dim), SEQ * model.config.hidden_size)
-    ours = recipe_way(model, tok, examples, projector, args.batch_size)
+    ours, grads = recipe_way(model, tok, examples, projector, args.batch_size)
     source = source_way(model, tok, examples[:args.source_samples], args.proj_dim)
     plain = batched_forward_backward(model, tok, examples, args.batch_size)
     print(f"{'way':<44}{'ms/sample':>10}")
@@ -146,13 +142,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data_file = Path(tmp) / "bench.jsonl"
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(4 * args.samples)))
-        peaks = [recipe_peak_mb(data_file, n, 32, args.proj_dim, Path(tmp) / f"out{n}")
-                 for n in (args.samples, 4 * args.samples)]
-    print(f"peak memory of extract-gradients: {peaks[0]:.0f} MB ({args.samples} samples), "
-          f"{peaks[1]:.0f} MB ({4 * args.samples})")
+        n = args.memory_samples
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(4 * n)))
+        peaks = [recipe_peak_mb(data_file, m, n // 2, args.proj_dim, Path(tmp) / f"out{m}") for m in (n, 4 * n)]
+    print(f"peak memory of extract-gradients: {peaks[0]:.0f} MB ({n} samples), {peaks[1]:.0f} MB ({4 * n})")
 
-    grads = full_grads(model, tok, examples, args.batch_size)  # (N, D): the first 8 are the test samples
     test, train = grads[:8], grads[8:]
     default = Projector(Projection(), grads.shape[1])  # 16384 dims, Rademacher, seed 42
     full_scores = similarity(test, train, "dot").numpy()

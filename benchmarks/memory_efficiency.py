@@ -1,7 +1,7 @@
 """Peak memory and step time of the optimizer step fused into backward against standard backprop, for SGD
 and Adam, each next to its analytic prediction (issue #6).
 
-    python benchmarks/memory_efficiency.py [--hidden 768 --layers 10 --seq 32 --steps 6]
+    python benchmarks/memory_efficiency.py [--hidden 768 --layers 10 --seq 32 --steps 4 --threads 1]
 
 A tiny Llama scaled to ~70M parameters (batch 1, short sequence, so parameters dominate), each variant run
 by the `memory-efficiency` recipe's measuring function in a fresh process: on a GPU the peak is
@@ -25,6 +25,7 @@ two methods; time_ratio: the larger fused/standard step-time ratio of the two op
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 from llmrepro import memory_profile
@@ -59,8 +60,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per measured process (OMP_NUM_THREADS); one is fastest on a shared machine")
     args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the measuring processes
 
     results = {}
     with tempfile.TemporaryDirectory() as out:

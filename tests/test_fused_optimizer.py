@@ -3,6 +3,8 @@ schedulers and Trainer driving it through virtual param groups, and one-line err
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
@@ -51,11 +53,11 @@ def test_same_parameters_as_standard_optimizer(name):
             s.step()
         # the scheduler's lr reached every per-parameter optimizer of each group
         assert [g["lr"] for g in standard.param_groups] == [g["lr"] for g in fused.param_groups]
-        for opt, p in zip(fused.optimizers, net.parameters()):
+        for opt, p in zip(fused.optimizers, net.parameters(), strict=True):
             group = 0 if any(p is q for q in list(net.parameters())[:2]) else 1
             assert opt.param_groups[0]["lr"] == standard.param_groups[group]["lr"]
     assert fused.param_groups[1]["lr"] < extras[1]["lr"]  # the schedule did change it
-    for a, b in zip(ref.parameters(), net.parameters()):
+    for a, b in zip(ref.parameters(), net.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     assert not torch.equal(next(net.parameters()), next(_net().parameters()))  # and training moved them
 
@@ -87,12 +89,15 @@ def test_state_dict_round_trip_continues_identically():
     b = _net()  # not deepcopy(a): that would copy a's hooks too
     b.load_state_dict(a.state_dict())
     opt_b = FusedOptimizer(_groups(b, extras), cls)
-    opt_b.load_state_dict(opt_a.state_dict())
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # torch loads without copying
     assert len(opt_b.state) == 6 and all(s["step"] == 3 for s in opt_b.state.values())
+    opt_b.param_groups[1]["lr"] = 5e-3  # loading replaced the per-parameter groups: writes must still reach them
+    assert [o.param_groups[0]["lr"] for o in opt_b.optimizers] == [1e-2] * 2 + [5e-3] * 4
+    opt_b.param_groups[1]["lr"] = 1e-3
     for step in range(3, 6):
         _loss(a, step).backward()
         _loss(b, step).backward()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -125,7 +130,7 @@ def test_trainer_drives_the_fused_optimizer():
                                  disable_tqdm=True, use_cpu=True, seed=0)
         Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched)).train()
         finals.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*finals):
+    for a, b in zip(*finals, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 

@@ -1,8 +1,9 @@
 """Container commands: build, save and run llmrepro images with docker, podman or apptainer.
 
 The `*_command` functions are pure: they return the exact argv (tested as such, printed by
-`--dry-run`). Only `detect_engine`, `require_image`, `require_sif`, `git_state`, `pip_setting`
-and `secrets` look at the machine. tasks.py wires them to `invoke build|save|sif|run|shell|smoke`.
+`--dry-run`). `prepare_build` and `prepare_run` fill them in from the machine (git state, the host
+pip's CA and wheel folder, engine, image, secrets); tasks.py wires them to `invoke build|save|sif|
+run|shell|smoke`. Missing engines, images and SIFs are UserErrors saying what to run.
 
 Images are tagged `llmrepro:<version>-<suffix>` (moving) and `...-<git short sha>` (fixed, and
 recorded in every run manifest through LLMREPRO_IMAGE); `latest` is left to release CI.

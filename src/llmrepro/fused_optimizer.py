@@ -52,17 +52,20 @@ def unsupported(*, gradient_accumulation_steps: int = 1, max_grad_norm: float | 
 
 
 class _VirtualGroup(dict):
-    """A parent param group; every write (but `params`) is forwarded to the per-parameter optimizers' groups."""
+    """A parent param group; every write (but `params`) is forwarded to its per-parameter optimizers' groups.
 
-    def __init__(self, group: dict, members: list[dict]):
+    The groups are looked up at each write: `Optimizer.load_state_dict` replaces them (accelerate, and so
+    Trainer, reloads every optimizer's state dict once to place it on the device)."""
+
+    def __init__(self, group: dict, optimizers: list[torch.optim.Optimizer]):
         super().__init__(group)
-        self.members = members
+        self.optimizers = optimizers
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
         if key != "params":
-            for member in self.members:
-                member[key] = value
+            for opt in self.optimizers:
+                opt.param_groups[0][key] = value
 
     def setdefault(self, key, default=None):  # dict.setdefault bypasses __setitem__ (LRScheduler uses it)
         if key not in self:
@@ -73,7 +76,7 @@ class _VirtualGroup(dict):
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
-    def __reduce__(self):  # pickle/deepcopy as a plain dict, without the members
+    def __reduce__(self):  # pickle/deepcopy as a plain dict, without the optimizers
         return dict, (dict(self),)
 
 
@@ -98,16 +101,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         hyper = {k: v for k, v in group.items() if k != "params"}
-        members = []
+        optimizers = []
         for p in group["params"]:
             if not p.requires_grad:
                 raise ValueError("FusedOptimizer: a parameter does not require grad; pass only trainable parameters")
             opt = self.optimizer_class([p], **self._kwargs)
             opt.param_groups[0].update(hyper)  # the group's own values (lr, betas, ...)
-            self.optimizers.append(opt)
-            members.append(opt.param_groups[0])
+            optimizers.append(opt)
             self._hooks.append(p.register_post_accumulate_grad_hook(_step_and_free(opt)))
-        self.param_groups[-1] = _VirtualGroup(group, members)
+        self.optimizers += optimizers
+        self.param_groups[-1] = _VirtualGroup(group, optimizers)
 
     @property
     def state(self) -> dict:
@@ -135,9 +138,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(state_dict["optimizers"]) != len(self.optimizers):
             raise ValueError(f"state dict holds {len(state_dict['optimizers'])} per-parameter optimizers, "
                              f"this optimizer has {len(self.optimizers)}")
-        for opt, sd in zip(self.optimizers, state_dict["optimizers"]):
+        for opt, sd in zip(self.optimizers, state_dict["optimizers"], strict=True):
             opt.load_state_dict(sd)
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
             group.update(saved)
 
     def remove_hooks(self) -> None:

@@ -114,7 +114,7 @@ def timeline(prof) -> tuple[list[float], dict[str, list[float]]]:
 
 def peak_breakdown(by_category: dict[str, list[float]]) -> dict[str, float]:
     """MB per category at the moment of the largest total, plus that total."""
-    totals = [sum(col) for col in zip(*by_category.values())]
+    totals = [sum(col) for col in zip(*by_category.values(), strict=True)]
     if not totals:
         return {"total": 0.0}
     i = max(range(len(totals)), key=totals.__getitem__)

@@ -63,7 +63,7 @@ def param_groups(net, cfg: Config) -> list[dict]:
     params = list(net.parameters())
     split = [params[:2], params[2:]]  # first Linear (weight, bias), the rest
     extra = (lambda g: {"betas": g.betas}) if cfg.optimizer != "sgd" else (lambda g: {})
-    return [{"params": ps, "lr": g.lr, **extra(g)} for ps, g in zip(split, cfg.groups)]
+    return [{"params": ps, "lr": g.lr, **extra(g)} for ps, g in zip(split, cfg.groups, strict=True)]
 
 
 def train(cfg: Config, fused: bool, x, y) -> tuple[float, list]:
@@ -98,7 +98,7 @@ def run(cfg: Config, ctx) -> dict:
             for fused in ((False, True) if r % 2 == 0 else (True, False)):
                 seconds, finals[fused] = train(cfg, fused, x, y)
                 times[fused].append(seconds)
-            diff = max(diff, max((a - b).abs().max().item() for a, b in zip(finals[False], finals[True])))
+            diff = max(diff, max((a - b).abs().max().item() for a, b in zip(finals[False], finals[True], strict=True)))
     finally:
         torch.set_num_threads(threads)
 

@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmrepro import data, memory_profile, tiny
+from llmrepro import data, memory_profile, models, tiny
 from llmrepro.data import DataConfig
 from llmrepro.errors import UserError
 from llmrepro.fused_optimizer import FusedOptimizer, unsupported
@@ -226,6 +226,7 @@ def run(cfg: Config, ctx) -> dict:
     if memory_profile.device() == "cuda":
         result = measure(args)
     else:
+        models._quantization(cfg.model)  # 8-bit/4-bit without a GPU: the one-line error now, before spawning
         ctx.log.info("no GPU: measuring in a fresh process (peak resident memory)")
         result = memory_profile.in_fresh_process(f"{__name__}:measure", args)
     for kind, name, details in result.pop("inputs"):

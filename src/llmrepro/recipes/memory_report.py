@@ -72,7 +72,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     labels = [r["experiment"].split("/")[-1] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2))
-    for ax, (key, label) in zip(axes, [COLUMNS[0], COLUMNS[-1]]):
+    for ax, (key, label) in zip(axes, [COLUMNS[0], COLUMNS[-1]], strict=True):
         ax.barh(labels, [r[key] for r in rows])
         ax.set_xlabel(label)
         ax.invert_yaxis()
