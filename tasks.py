@@ -16,25 +16,29 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import sys
 
 from invoke import Exit, task
 
+PYTHON = sys.executable  # the interpreter running invoke: the project's venv, activated or not
+LLMREPRO = [PYTHON, "-m", "llmrepro.cli"]
+
 
 def _llmrepro(c, *args: str, pty: bool = False):
-    return c.run(" ".join(["llmrepro", *map(shlex.quote, args)]), echo=True, pty=pty)
+    return c.run(shlex.join([*LLMREPRO, *args]), echo=True, pty=pty)
 
 
 @task(help={"lock": "requirements lock file to install (default requirements/cpu.lock)"})
 def setup(c, lock="requirements/cpu.lock"):
     """Install the locked dependencies, then the package itself (editable, no dependency resolution)."""
-    c.run(f"python -m pip install --require-hashes -r {lock}", echo=True)
-    c.run("python -m pip install --no-deps -e .", echo=True)
+    c.run(shlex.join([PYTHON, "-m", "pip", "install", "--require-hashes", "-r", lock]), echo=True)
+    c.run(shlex.join([PYTHON, "-m", "pip", "install", "--no-deps", "-e", "."]), echo=True)
 
 
 @task(help={"k": "only tests matching this pytest -k expression", "x": "stop at the first failure"})
 def test(c, k="", x=False):
     """Run the test suite (offline; tiny models are built into a temporary cache)."""
-    args = ["python", "-m", "pytest", "-q"] + (["-k", k] if k else []) + (["-x"] if x else [])
+    args = [PYTHON, "-m", "pytest", "-q"] + (["-k", k] if k else []) + (["-x"] if x else [])
     c.run(" ".join(map(shlex.quote, args)), echo=True, pty=False)
 
 
@@ -102,7 +106,7 @@ def _exec(c, argv: list[str], dry_run: bool, env: dict | None = None, pty: bool 
 
 def _llmrepro_in(c, runtime: str, args: list[str], *, gpus=False, dry_run=False, network=None):
     if runtime == "local":
-        return _exec(c, ["llmrepro", *args], dry_run)
+        return _exec(c, [*LLMREPRO, *args], dry_run)
     with _containers() as ct:
         argv, env = ct.prepare_run(runtime, args, gpus=gpus, network=network, check=not dry_run)
     _exec(c, argv, dry_run, env)

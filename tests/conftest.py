@@ -33,3 +33,15 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Where LLMREPRO_REQUIRE_MARKERS names a marker (e.g. "slurm container", set by .ci/run), a test with that
+    marker may not skip: a missing podman or cluster fails the run instead of passing it silently."""
+    outcome = yield
+    report = outcome.get_result()
+    required = set(os.environ.get("LLMREPRO_REQUIRE_MARKERS", "").split())
+    if report.skipped and required & {m.name for m in item.iter_markers()}:
+        report.outcome = "failed"
+        report.longrepr = f"required by LLMREPRO_REQUIRE_MARKERS but skipped: {call.excinfo.value if call.excinfo else ''}"

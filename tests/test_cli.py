@@ -82,7 +82,7 @@ def test_malformed_rows_and_existing_run(tmp_path, cli):
 
 
 def test_smoke_summary_and_reuse(tmp_path, cli):
-    args = ("smoke", "--only", "instruct/*", "--output-dir", str(tmp_path), "train.max_steps=2", "test_size=4",
+    args = ("smoke", "--only", EXP, "--output-dir", str(tmp_path), "train.max_steps=2", "test_size=4",
             "save_model=false")
     code, out, _ = cli(*args)
     assert code == 0

@@ -94,7 +94,7 @@ def test_every_experiment_in_the_tree_validates_with_every_profile():
         for profile in [None, *exp.spec.profiles]:
             exp.resolve(profile)
         header = exp.path.read_text().splitlines()[0]
-        assert header == f"# llmrepro run {exp.name}", f"{exp.path}: first line must be the command"
+        assert (header + " ").startswith(f"# llmrepro run {exp.name} "), f"{exp.path}: first line must be the command"
 
 
 def test_config_hash_is_stable_and_order_independent():

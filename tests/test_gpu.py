@@ -23,11 +23,11 @@ def test_cuda_extraction_equals_cuda_projector_of_full_gradients(cli, tmp_path):
 
     common = ["--profile", "smoke", "--output-dir", str(tmp_path), "data.limit=10", "gradients_per_file=4"]
     assert cli("run", "gradients/olmo2-7b-sft-full-train", *common)[0] == 0
-    code, _, err = cli("run", "gradients/olmo2-7b-sft-normal8192-train", *common, "projection.projector=cuda",
-                       "projection.dim=1024")
+    code, _, err = cli("run", "gradients/olmo2-7b-sft-rademacher16384-train", *common, "projection.projector=cuda",
+                       "projection.dim=1024", "projection.type=normal")  # same smoke model as the full run
     assert code == 0, err
     (full_dir,) = (tmp_path / "gradients" / "olmo2-7b-sft-full-train").iterdir()
-    (proj_dir,) = (tmp_path / "gradients" / "olmo2-7b-sft-normal8192-train").iterdir()
+    (proj_dir,) = (tmp_path / "gradients" / "olmo2-7b-sft-rademacher16384-train").iterdir()
     full, _, _ = extract_gradients.load_run(full_dir)
     projected, _, meta = extract_gradients.load_run(proj_dir)
     p = meta["projection"]

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from llmrepro.models import ModelConfig, load_tokenizer
-from llmrepro.recipes.instruct_sft import (END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, CompletionOnlyCollator,
-                                           find_subsequence, format_prompt)
+from llmrepro.recipes.instruct_sft import (
+    END_KEY,
+    INSTRUCTION_KEY,
+    RESPONSE_KEY_NL,
+    CompletionOnlyCollator,
+    find_subsequence,
+    format_prompt,
+)
 
 EXP = "instruct/dolly-pythia-2.8b"
 

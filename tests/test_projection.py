@@ -59,7 +59,7 @@ def test_extracted_projection_equals_traker_projection_of_full_gradients(cli, tm
     assert (proj_dir / "gradients/rademacher_2048/tiny-olmo2/lima/train/main/8_10").is_file()
     p = meta["projection"]
     assert (full.shape, projected.shape, p["grad_dim"]) == ((10, 64 * 64), (10, 2048), 64 * 64)
-    ref = BasicProjector(p["grad_dim"], p["dim"], 42, ProjectionType.rademacher, "cpu",
-                         block_size=p["block_size"]).project(full, model_id=0)
-    torch.testing.assert_close(projected, ref, atol=1e-4, rtol=1e-4)
+    ref = BasicProjector(p["grad_dim"], p["dim"], 42, ProjectionType.rademacher, p["device"],  # the run's RNG
+                         block_size=p["block_size"]).project(full.to(p["device"]), model_id=0)
+    torch.testing.assert_close(projected, ref.cpu(), atol=1e-4, rtol=1e-4)
     assert json.loads((proj_dir / "metrics.json").read_text())["dim"] == 2048

@@ -2,7 +2,8 @@
 
 Implementations (`projector:` in a config), never substituted for one another:
 - `basic`: traker's `BasicProjector`, on any device. Its matrix is generated block by block (block i from
-  seed + 1000 i), so the block size is part of what defines the matrix: it is the largest that keeps one
+  seed + 1000 i) by that device's RNG, so the device (CPU and CUDA generators differ for the same seed) and
+  the block size are part of what defines the matrix: it is the largest that keeps one
   block (grad_dim x block_size floats) under `max_matrix_mb`, recorded with the results. A matrix of one
   block is generated once and kept; larger ones are regenerated per call, so one call projects a whole batch.
 - `cuda`: traker's `CudaProjector` (the `fast_jl` kernel), as the source used it: seed 42, model_id 0,
@@ -78,7 +79,8 @@ class Projector:
     def describe(self) -> dict:
         """What defines the matrix, for the record next to the projected gradients."""
         out = {"projector": self.spec.projector.value, "type": self.spec.type.value, "dim": self.spec.dim,
-               "seed": self.spec.seed, "model_id": 0, "grad_dim": self.grad_dim}
+               "seed": self.spec.seed, "model_id": 0, "grad_dim": self.grad_dim,
+               "device": self.device.type}  # the matrix comes from this device's RNG: cpu and cuda differ
         if self.spec.projector == ProjectorKind.basic:
             out["block_size"] = self.block_size
         return out

@@ -14,6 +14,9 @@ Where it deliberately differs from the source:
 - Every sample is padded or truncated to exactly `max_length` tokens, so all steps have one shape and the
   peak does not depend on which samples came last. Padding is excluded from the loss.
 - LIMA is chat data; a tokenizer without a chat template (OPT, Llama-2 base) gets the Tulu template.
+- On CUDA both methods use torch's fused optimizer kernels (`fused=True`). The source used the default
+  multi-tensor (foreach) step, whose temporaries add about one parameter-sized buffer at the peak (+23%
+  for Adam on an H100) and which, fused into backward, would launch ~10 small kernels per parameter.
 """
 
 from __future__ import annotations
@@ -112,6 +115,10 @@ def build_optimizer(params: list, t: TrainConfig):
 
     cls = getattr(torch.optim, OPTIMIZERS[t.optimizer])
     kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay}
+    if params[0].is_cuda:
+        # torch's fused kernels for both methods: the default multi-tensor (foreach) step allocates a
+        # parameter-sized temporary, and a per-parameter step would launch ~10 small kernels instead of one.
+        kwargs["fused"] = True
     return FusedOptimizer(params, cls, **kwargs) if t.method == "fused" else cls(params, **kwargs)
 
 
