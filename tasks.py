@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 
@@ -22,6 +23,7 @@ from invoke import Exit, task
 
 PYTHON = sys.executable  # the interpreter running invoke: the project's venv, activated or not
 LLMREPRO = [PYTHON, "-m", "llmrepro.cli"]
+BIN = shlex.quote(os.path.dirname(PYTHON))  # the venv's tools (ruff, hadolint, actionlint), activated or not
 
 
 def _llmrepro(c, *args: str, pty: bool = False):
@@ -45,9 +47,9 @@ def test(c, k="", x=False):
 @task
 def lint(c):
     """ruff on the Python code, hadolint on the Dockerfile, actionlint on the workflows."""
-    c.run("ruff check src tests benchmarks tasks.py", echo=True)
-    c.run("hadolint docker/Dockerfile", echo=True)
-    c.run("actionlint", echo=True)
+    c.run(f"{BIN}/ruff check src tests benchmarks tasks.py", echo=True)
+    c.run(f"{BIN}/hadolint docker/Dockerfile", echo=True)
+    c.run(f"{BIN}/actionlint", echo=True)
 
 
 @task(name="list")

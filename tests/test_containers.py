@@ -130,7 +130,8 @@ def test_invoke_bad_input_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.parametrize("cmd", [["hadolint", "docker/Dockerfile"], ["actionlint"]])
 def test_linters_pass(cmd):
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    tool = Path(sys.executable).parent / cmd[0]  # the venv's own, whether or not it is activated
+    result = subprocess.run([str(tool), *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

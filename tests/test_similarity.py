@@ -156,3 +156,11 @@ def test_smoke_layer_analysis_writes_report_and_plots(cli, tmp_path):
     analysis = json.loads((run_dir / "analysis.json").read_text())
     assert analysis["samples"] == 12 and len(analysis["greedy"]) == len(analysis["tensors"])
     assert analysis["greedy"][-1]["percent_params"] == pytest.approx(100.0)
+
+
+def test_chunks_group_samples_that_share_candidates():
+    """Samples 0 and 2 share originals {0, 1}, samples 1 and 3 share {2, 3}: two chunks, each original once."""
+    cands = [[0, 1], [2, 3], [1, 0], [3, 2], [4, 0]]
+    assert similarity.plan_chunks(cands, 2) == [([0, 2], [0, 1]), ([1, 3], [2, 3]), ([4], [0, 4])]
+    assert sum(len(os) for _, os in similarity.plan_chunks(cands, 2)) == 6  # consecutive chunks would need 10
+    assert similarity.plan_chunks(cands, 10) == [([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])]

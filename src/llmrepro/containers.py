@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def pip_setting(name: str) -> str | None:
     """The host pip's `cert` or `find-links` (env or pip config), so that builds see what pip sees."""
     if value := os.environ.get(f"PIP_{name.upper().replace('-', '_')}"):
         return value
-    out = subprocess.run(["python", "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
     for line in out.splitlines():
         key, _, value = line.partition("=")
         if key.split(".")[-1] == name:

@@ -9,7 +9,8 @@ accumulate D_po[t] = <g_p[t], g_o[t]>, D_pp[t] and D_oo[t]; from these
 Streaming: paraphrased samples are processed in chunks of `chunk_size`; a chunk's per-sample gradients are
 held while its candidates' gradients are produced `batch_size` at a time, and per-tensor dot products are
 taken as matrix products. Memory is (chunk_size + batch_size) gradient buffers whatever the sample count;
-the price is that an original shared by several chunks has its gradient computed once per chunk.
+the price is that an original shared by several chunks has its gradient computed once per chunk, which
+chunks grouped by shared candidates (`plan_chunks`) keep low.
 
 Partitions: the chunk plan is fixed by the whole candidate list, and a partition [start, end) runs exactly
 the chunks that hold its samples, so every number it reports was computed the same way as in the single
@@ -139,11 +140,22 @@ GradFn = Callable[[str, list[int]], dict[str, "torch.Tensor"]]  # noqa: F821  ('
 
 
 def plan_chunks(candidates: list[list[int]], chunk_size: int) -> list[tuple[list[int], list[int]]]:
-    """(paraphrased indices, sorted union of their candidate originals) per chunk of the whole run."""
-    chunks = []
-    for start in range(0, len(candidates), chunk_size):
-        ps = list(range(start, min(start + chunk_size, len(candidates))))
-        chunks.append((ps, sorted({o for p in ps for o in candidates[p]})))
+    """(paraphrased indices, sorted union of their candidate originals) per chunk of the whole run.
+
+    A chunk starts from the first unplaced sample and greedily takes the unplaced samples whose candidates
+    overlap its union most (ties: lowest index): an original shared by several samples is then computed
+    once for all of them instead of once per chunk they fall in. The plan depends only on the candidate
+    lists, so every partition of a run computes the same chunks."""
+    left, sets, chunks = list(range(len(candidates))), [set(c) for c in candidates], []
+    while left:
+        ps, union = [left.pop(0)], set()
+        union |= sets[ps[0]]
+        while len(ps) < chunk_size and left:
+            best = max(left, key=lambda p: (len(union & sets[p]), -p))
+            left.remove(best)
+            ps.append(best)
+            union |= sets[best]
+        chunks.append((sorted(ps), sorted(union)))
     return chunks
 
 
@@ -177,7 +189,7 @@ def stream_dot_products(grads: GradFn, candidates: list[list[int]], *, chunk_siz
     import torch
 
     end = len(candidates) if end is None else end
-    chunks = [(ps, os) for ps, os in plan_chunks(candidates, chunk_size) if ps[0] < end and ps[-1] >= start]
+    chunks = [(ps, os) for ps, os in plan_chunks(candidates, chunk_size) if any(start <= p < end for p in ps)]
     out = None
     for ps, os in progress(chunks, desc="gradient dot products", total=len(chunks)):
         keep = [i for i, p in enumerate(ps) if start <= p < end]
