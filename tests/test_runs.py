@@ -121,3 +121,10 @@ def test_compare_metrics_ignores_timings():
     rows = runs.compare_metrics({"loss": 1.0, "train_time_s": 3.0, "n": 4}, {"loss": 1.0 + 1e-9, "train_time_s": 9.0, "n": 5},
                                 rtol=1e-6, atol=0)
     assert rows == [("loss", 1.0, 1.0 + 1e-9, True), ("n", 4, 5, False), ("train_time_s", 3.0, 9.0, True)]
+
+
+def test_json_outputs_are_standard_json(tmp_path):
+    runs.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
+        {"a": None, "b": [1.5, None], "c": {"d": None}}

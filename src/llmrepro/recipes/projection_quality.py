@@ -14,13 +14,12 @@ Output: `quality.json` (per test sample and projection), `quality.md` (mean +- s
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from pydantic import Field
 from scipy import stats
 
+from llmrepro import runs
 from llmrepro.errors import UserError
 from llmrepro.projection import Projection, Projector
 from llmrepro.recipes.base import RecipeConfig
@@ -97,7 +96,7 @@ def run(cfg: Config, ctx) -> dict:
         per_sample[key] = rows
         summary[key] = {"type": spec.type.value, "dim": spec.dim, **{
             f"{m}_{agg}": float(fn([r[m] for r in rows])) for m in METRICS for agg, fn in (("mean", np.mean), ("std", np.std))}}
-    (ctx.dir / "quality.json").write_text(json.dumps({"summary": summary, "per_test_sample": per_sample}, indent=2) + "\n")
+    runs.write_json(ctx.dir / "quality.json", {"summary": summary, "per_test_sample": per_sample})
     header = "| projection | dim | " + " | ".join(f"{m} (mean ± std)" for m in METRICS) + " |"
     lines = [header, "|" + "---|" * (2 + len(METRICS))]
     for s in summary.values():
