@@ -128,3 +128,18 @@ def test_json_outputs_are_standard_json(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
         {"a": None, "b": [1.5, None], "c": {"d": None}}
+
+
+def test_wandb_tracking_offline_is_recorded(tmp_path, monkeypatch):
+    """`tracking: wandb` with WANDB_MODE=offline: a real offline wandb run under the run dir, its id in the manifest."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    final = runs.execute(runs.RunSpec("fam/probe", "probe", {"value": 2.0, "tracking": "wandb"}), tmp_path)
+    tracking = manifest(final)["tracking"]
+    assert tracking["backend"] == "wandb" and tracking["mode"] == "offline" and tracking["project"] == "llmrepro"
+    (offline_run,) = (final / "wandb").glob("offline-run-*")
+    assert offline_run.name.endswith(tracking["run_id"])
+
+
+def test_tracking_is_off_by_default(tmp_path):
+    assert manifest(runs.execute(spec(value=1.0), tmp_path))["tracking"] is None
