@@ -48,7 +48,11 @@ def test_apptainer_commands():
     run = ct.apptainer_command("dist/x.sif", ["smoke"], output_dir="/o", hf_cache="/c", gpus=True)
     assert run == ["apptainer", "run", "--containall", "--cleanenv", "--nv", "--bind", "/o:/outputs",
                    "--bind", "/c:/cache/huggingface", "dist/x.sif", "smoke"]
-    shell = ct.apptainer_command("dist/x.sif", ["ignored"], output_dir="/o", hf_cache="/c", shell=True)
+    run_exec = ct.apptainer_command("dist/x.sif", ["torchrun", "-m", "llmrepro.cli"], output_dir="/o", hf_cache="/c",
+                                    verb="exec")
+    assert run_exec == ["apptainer", "exec", "--containall", "--cleanenv", "--bind", "/o:/outputs",
+                        "--bind", "/c:/cache/huggingface", "dist/x.sif", "torchrun", "-m", "llmrepro.cli"]
+    shell = ct.apptainer_command("dist/x.sif", ["ignored"], output_dir="/o", hf_cache="/c", verb="shell")
     assert shell == ["apptainer", "shell", "--containall", "--cleanenv", "--bind", "/o:/outputs",
                      "--bind", "/c:/cache/huggingface", "dist/x.sif"]
 

@@ -115,15 +115,21 @@ def run_command(engine: str, image: str, args: list[str], *, output_dir: str, hf
     return [*cmd, image, *args]
 
 
+def host_hf_cache() -> str:
+    """The host's Hugging Face cache, mounted into every container run."""
+    return str(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").resolve())
+
+
 def apptainer_command(sif: str, args: list[str], *, output_dir: str, hf_cache: str, gpus: bool = False,
-                      shell: bool = False) -> list[str]:
-    """`apptainer run|shell` isolated from the host (`--containall --cleanenv`); secrets go through
-    APPTAINERENV_* variables (see `secrets`), never on the command line."""
-    cmd = ["apptainer", "shell" if shell else "run", "--containall", "--cleanenv"]
+                      verb: str = "run") -> list[str]:
+    """`apptainer run|exec|shell` isolated from the host (`--containall --cleanenv`): `run` starts the SIF's
+    runscript (llmrepro) with `args`, `exec` runs the program `args`, `shell` ignores them. Secrets go
+    through APPTAINERENV_* variables (see `secrets`), never on the command line."""
+    cmd = ["apptainer", verb, "--containall", "--cleanenv"]
     if gpus:
         cmd += ["--nv"]
     cmd += ["--bind", f"{output_dir}:{OUTPUTS}", "--bind", f"{hf_cache}:{HF_CACHE}", sif]
-    return cmd if shell else [*cmd, *args]
+    return cmd if verb == "shell" else [*cmd, *args]
 
 
 def save_command(engine: str, image: str, archive: str) -> list[str]:
@@ -183,13 +189,13 @@ def prepare_run(runtime: str, args: list[str], *, gpus: bool = False, network: s
     skips looking for the engine, image or SIF and creating the mounted directories."""
     variant_name = "cuda" if gpus else "cpu"
     out = str(Path(os.environ.get("LLMREPRO_OUTPUT_DIR") or "outputs").resolve())
-    hf = str(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").resolve())
+    hf = host_hf_cache()
     names, env = secrets(runtime)
     if runtime == "apptainer":
         sif = archive_paths(__version__, variant_name)[1]
         if check:
             require_sif(sif, variant_name)
-        argv = apptainer_command(sif, args, output_dir=out, hf_cache=hf, gpus=gpus, shell=shell)
+        argv = apptainer_command(sif, args, output_dir=out, hf_cache=hf, gpus=gpus, verb="shell" if shell else "run")
     elif runtime in ENGINES:
         image = image_tags(__version__, variant_name, None)[0]
         if check:

@@ -60,11 +60,6 @@ def reset_peak() -> None:
         clear_refs.write_text("5")  # 5 = reset the peak RSS (Linux >= 4.0)
 
 
-def peak_mb() -> float:
-    """Peak since the last `reset_peak` (or process start): CUDA max allocated, or peak RSS."""
-    return memory.peak_mb()
-
-
 def in_fresh_process(target: str, params: dict) -> dict:
     """`target(params)` ("module:function", returning a JSON-able dict) run in a new Python process."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}

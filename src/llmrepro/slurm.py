@@ -129,7 +129,7 @@ class _Job:
         if opts.runtime == "apptainer":
             variant = "cuda" if res.gpus_per_node else "cpu"
             self.sif = str(Path(opts.sif or containers.archive_paths(containers.__version__, variant)[1]).resolve())
-            self.hf_cache = str(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").resolve())
+            self.hf_cache = containers.host_hf_cache()
 
     def script(self, name: str, body: list[str], *, array_size: int | None = None, after: int | None = None) -> Script:
         r, job = self.res, f"{self.exp.name.replace('/', '-')}{'-merge' if after is not None else ''}"
@@ -184,10 +184,11 @@ class _Job:
                        _Raw("--rdzv-id=$SLURM_JOB_ID"), "--rdzv-backend=c10d",
                        _Raw('--rdzv-endpoint="$RDZV_ENDPOINT"'), "-m", "llmrepro.cli"]
         if self.opts.runtime == "apptainer":
-            container = containers.apptainer_command(self.sif, [], output_dir=str(self.out), hf_cache=self.hf_cache,
-                                                     gpus=bool(self.res.gpus_per_node))
             # `apptainer run` starts the SIF's runscript, llmrepro; any other program needs `apptainer exec`
-            program = container if program == ["llmrepro"] else [container[0], "exec", *container[2:], *program]
+            runscript = program == ["llmrepro"]
+            program = containers.apptainer_command(self.sif, [] if runscript else program, output_dir=str(self.out),
+                                                   hf_cache=self.hf_cache, gpus=bool(self.res.gpus_per_node),
+                                                   verb="run" if runscript else "exec")
         line = " ".join(map(_quote, [*program, *args]))
         if not distributed:
             return [line]

@@ -31,7 +31,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmrepro import data, memory_profile, models, tiny
+from llmrepro import data, memory, memory_profile, models, tiny
 from llmrepro.data import DataConfig
 from llmrepro.errors import UserError
 from llmrepro.fused_optimizer import FusedOptimizer, unsupported
@@ -203,7 +203,7 @@ def measure(args: dict) -> dict:
     memory_profile.reset_peak()
     start_mb = memory_profile.current_mb()
     timed = [step() for _ in range(t.steps - t.profile_steps)]
-    peak = memory_profile.peak_mb()
+    peak = memory.peak_mb()  # since memory_profile.reset_peak above
     losses += [loss for loss, _, _ in timed]
 
     trainable = [p.numel() * p.element_size() / memory_profile.MB for p in params]
