@@ -89,8 +89,8 @@ def smoke(c, only=None, runtime="local", gpus=False, dry_run=False):
 def _containers():
     """Yield llmrepro.containers (imported on use, so `invoke setup` works before the package is installed);
     a UserError becomes one line on stderr and exit code 2, as in the CLI."""
-    from llmrepro import containers
-    from llmrepro.errors import UserError
+    from llmrepro.core.errors import UserError
+    from llmrepro.launch import containers
 
     try:
         yield containers
@@ -195,7 +195,7 @@ def slurm(c, experiment, profile=None, runtime="local", override=None, array=Fal
           output_dir=None, sif=None, dry_run=False):
     """Submit an experiment as a SLURM job (an array plus a merge job with --array); logs go next to its runs."""
     with _containers():
-        from llmrepro import slurm as s
+        from llmrepro.launch import slurm as s
 
         print(s.launch(experiment, dry_run=dry_run, profile=profile, runtime=runtime, overrides=list(override or []),
                        array=array, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
@@ -207,6 +207,6 @@ def slurm(c, experiment, profile=None, runtime="local", override=None, array=Fal
 def slurm_status(c, job):
     """State, reason, run time and log of a SLURM job or of each task of an array job."""
     with _containers():
-        from llmrepro import slurm as s
+        from llmrepro.launch import slurm as s
 
         print(s.status(job))

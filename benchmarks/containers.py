@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from llmrepro import __version__
-from llmrepro import containers as ct
+from llmrepro.launch import containers as ct
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "instruct/dolly-pythia-2.8b"

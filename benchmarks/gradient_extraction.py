@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from trak.projectors import BasicProjector, ProjectionType
 
-from llmrepro import fixtures, gradients
-from llmrepro.models import ModelConfig, load_model, load_tokenizer
-from llmrepro.projection import Projection, Projector
+from llmrepro.gradients import encoding, per_sample
+from llmrepro.gradients.projection import Projection, Projector
+from llmrepro.gradients.similarity import score_matrix as similarity
+from llmrepro.lm.fixtures import facts
+from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
 from llmrepro.recipes.projection_quality import agreement
-from llmrepro.recipes.score_gradients import similarity
 
 TINY_10M = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 2,
             "intermediate_size": 1024}
@@ -47,10 +48,10 @@ EXPERIMENT = "gradients/olmo2-7b-sft-rademacher16384-train"
 
 def chat_rows(n: int) -> list[dict]:
     """Synthetic Tulu rows: a short question and an answer long enough to fill 128 tokens."""
-    facts = [f"{city} is the capital of {country}." for city, country in fixtures.CAPITALS]
+    sentences = [f"{city} is the capital of {country}." for city, country in facts.CAPITALS]
     return [{"dataset": "bench", "id": f"bench_{i}", "messages": [
-        {"role": "user", "content": f"Tell me about {fixtures.CAPITALS[i % 16][1]}."},
-        {"role": "assistant", "content": " ".join(facts[(i + j) % 16] for j in range(12))}]} for i in range(n)]
+        {"role": "user", "content": f"Tell me about {facts.CAPITALS[i % 16][1]}."},
+        {"role": "assistant", "content": " ".join(sentences[(i + j) % 16] for j in range(12))}]} for i in range(n)]
 
 
 def timed(fn) -> float:
@@ -66,7 +67,7 @@ def source_way(model, tok, examples, proj_dim: int) -> float:
 
     def loop():
         for ex in examples:
-            batch = gradients.collate([ex], tok.pad_token_id)
+            batch = encoding.collate([ex], tok.pad_token_id)
             model.zero_grad()
             embeds = model.get_input_embeddings().weight[batch["input_ids"]].detach().requires_grad_(True)
             loss = model(inputs_embeds=embeds, labels=batch["labels"]).loss
@@ -81,7 +82,7 @@ def recipe_way(model, tok, examples, projector: Projector, batch_size: int) -> t
     """(seconds per sample, the full (N, D) gradients): one backward and one projection call per batch."""
     def batches():
         for i in range(0, len(examples), batch_size):
-            g = gradients.input_grads(model, gradients.collate(examples[i:i + batch_size], tok.pad_token_id), "sft")
+            g = per_sample.input_grads(model, encoding.collate(examples[i:i + batch_size], tok.pad_token_id), "sft")
             g = torch.nn.functional.pad(g, (0, 0, 0, SEQ - g.shape[1])).flatten(1).detach()
             projector.project(g)
             yield g
@@ -96,7 +97,7 @@ def batched_forward_backward(model, tok, examples, batch_size: int) -> float:
     def run():
         for i in range(0, len(examples), batch_size):
             model.zero_grad()
-            model(**gradients.collate(examples[i:i + batch_size], tok.pad_token_id)).loss.backward()
+            model(**encoding.collate(examples[i:i + batch_size], tok.pad_token_id)).loss.backward()
 
     return timed(run) / len(examples)
 
@@ -126,7 +127,7 @@ def main() -> None:
     cfg = ModelConfig(name="tiny-llama", tiny_config=TINY_10M)
     model, tok = load_model(cfg).eval(), load_tokenizer(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    examples = [gradients.encode(r, "chat", tok, "sft", SEQ) for r in chat_rows(args.samples)]
+    examples = [encoding.encode(r, "chat", tok, "sft", SEQ) for r in chat_rows(args.samples)]
     print(f"model: tiny-llama {n_params / 1e6:.1f}M parameters; {args.samples} samples of "
           f"{np.mean([len(e['input_ids']) for e in examples]):.0f} tokens; gradient dim {SEQ * model.config.hidden_size}")
 

@@ -6,7 +6,7 @@ tiny-llama scaled to ~10M parameters, `--samples` paraphrased samples (word-rule
 each against its top-5 BM25 candidates among as many originals, prompt-masked SFT loss, eval mode.
 - source: one sample at a time (zero_grad, loss.backward, clone the gradient dict), every sample's gradient
   dict kept, then the per-tensor dot products of every pair (`g1.flatten().dot(g2.flatten()).item()`);
-- streamed: `llmrepro.similarity.stream_dot_products` over `gradients.per_sample_grads` (chunk 8, batch 8).
+- streamed: `llmrepro.gradients.dot_products.stream_dot_products` over `per_sample.per_sample_grads` (chunk 8, batch 8).
 Each variant runs in a fresh process (peak RSS from ru_maxrss); the streamed one also at samples/4, for the
 memory growth as the sample count grows 4x. Both give the same dot products (checked, rtol 1e-4).
 Last line: RESULT speedup_vs_source=<x> memory_growth_4x=<x>
@@ -29,9 +29,10 @@ TINY = {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1024, "
 
 def rows(n: int) -> list[dict]:
     """n single-turn chat rows: the lima fixture's, numbered to make more."""
-    from llmrepro import fixtures, similarity
+    from llmrepro.gradients import pairs
+    from llmrepro.lm import fixtures
 
-    base = similarity.single_turn(fixtures.lima())
+    base = pairs.single_turn(fixtures.rows("lima"))
     return [{"id": f"s{i}", "messages": [{"role": "user", "content": f"{r['messages'][0]['content']} (case {i})"},
                                          {"role": "assistant", "content": r["messages"][1]["content"]}]}
             for i, r in ((i, base[i % len(base)]) for i in range(n))]
@@ -40,17 +41,17 @@ def rows(n: int) -> list[dict]:
 def worker(mode: str, n: int, out: str) -> None:
     import torch
 
-    from llmrepro import gradients, similarity
-    from llmrepro.models import ModelConfig, load_model, load_tokenizer
+    from llmrepro.gradients import candidates, dot_products, encoding, pairs, per_sample
+    from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
 
     torch.manual_seed(42)
     mcfg = ModelConfig(name="tiny-llama", tiny_config=TINY, attn_implementation="eager")
     tok, model = load_tokenizer(mcfg), load_model(mcfg).eval()
     originals = rows(n)
-    variants = similarity.rules_variants(originals)
-    cands = similarity.bm25_candidates([similarity.first_message(v) for v in variants],
-                                       [similarity.first_message(o) for o in originals], list(range(n)))
-    enc = {k: [gradients.encode(r, "chat", tok, "sft", 128) for r in rs] for k, rs in (("p", variants), ("o", originals))}
+    variants = pairs.rules_variants(originals)
+    cands = candidates.bm25_candidates([candidates.first_message(v) for v in variants],
+                                       [candidates.first_message(o) for o in originals], list(range(n)))
+    enc = {k: [encoding.encode(r, "chat", tok, "sft", 128) for r in rs] for k, rs in (("p", variants), ("o", originals))}
     names = [n_ for n_, p in model.named_parameters()]
     start = time.perf_counter()
     if mode == "source":
@@ -63,9 +64,9 @@ def worker(mode: str, n: int, out: str) -> None:
               for p in range(n) for o in cands[p]}
     else:
         def grads(kind, idx):
-            g = gradients.per_sample_grads(model, gradients.collate([enc[kind][i] for i in idx], tok.pad_token_id), "sft")
+            g = per_sample.per_sample_grads(model, encoding.collate([enc[kind][i] for i in idx], tok.pad_token_id), "sft")
             return {n_: t.reshape(len(idx), -1) for n_, t in g.items()}
-        dots = similarity.stream_dot_products(grads, cands, chunk_size=8, batch_size=8)
+        dots = dot_products.stream_dot_products(grads, cands, chunk_size=8, batch_size=8)
         po = {k: v[0].tolist() for k, v in dots.pairs.items()}
     seconds = time.perf_counter() - start
     sample = {f"{p},{o}": po[(p, o)] for p, o in sorted(po)[:10]}

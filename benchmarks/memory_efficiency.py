@@ -28,8 +28,9 @@ import argparse
 import os
 import tempfile
 
-from llmrepro import memory_profile
-from llmrepro.recipes.memory_efficiency import STATES_PER_PARAM
+from llmrepro.lm.models import default_device
+from llmrepro.training import memory
+from llmrepro.training.optimizers import STATE_TENSORS
 
 VARIANTS = [("backprop", "sgd"), ("fused", "sgd"), ("backprop", "adam"), ("fused", "adam")]
 
@@ -45,7 +46,7 @@ def config(method: str, optimizer: str, args) -> dict:
 
 
 def predicted(m: dict, method: str, optimizer: str) -> float:
-    p, s = m["trainable_param_mb"], STATES_PER_PARAM[optimizer]
+    p, s = m["trainable_param_mb"], STATE_TENSORS[optimizer]
     if method == "backprop":
         return p * (2 + s) + m["activation_mb"]
     return p * (1 + s) + m["activation_mb"] + m["largest_grad_mb"]
@@ -69,9 +70,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as out:
         for method, optimizer in VARIANTS:
-            results[method, optimizer] = m = memory_profile.in_fresh_process(
+            results[method, optimizer] = m = memory.in_fresh_process(
                 "llmrepro.recipes.memory_efficiency:measure", {"config": config(method, optimizer, args), "out_dir": out})
-            print(f"measured {method}+{optimizer} on {memory_profile.device()}", flush=True)
+            print(f"measured {method}+{optimizer} on {default_device()}", flush=True)
 
     m0 = results["backprop", "sgd"]
     print(f"\nmodel: {m0['param_mb']:.0f} MB of parameters, largest gradient {m0['largest_grad_mb']:.1f} MB, "

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llmrepro import catalog
+from llmrepro.core import catalog
 
 EXP = "instruct/dolly-pythia-2.8b"
 
@@ -17,7 +17,7 @@ def test_list_shows_every_experiment(cli):
     code, out, _ = cli("list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["experiment", "source", "recipe", "measures"]
+    assert lines[0].split() == ["experiment", "source", "recipe", "description"]
     assert len(lines) == 2 + len(catalog.names())
     assert any(line.startswith(EXP) and "instruction-tuning" in line and "instruct-sft" in line for line in lines)
 

@@ -44,7 +44,7 @@ def test_cuda_extraction_equals_cuda_projector_of_full_gradients(cli, tmp_path):
 def test_8bit_model_with_lora_trains_adapters_only():
     import bitsandbytes as bnb
 
-    from llmrepro.models import LoraSpec, ModelConfig, load_model, load_tokenizer
+    from llmrepro.lm.models import LoraSpec, ModelConfig, load_model, load_tokenizer
 
     cfg = ModelConfig(name="tiny-llama", quantization="8bit", lora=LoraSpec(r=4, alpha=8))
     model, tok = load_model(cfg), load_tokenizer(cfg)

@@ -1,55 +1,66 @@
-"""`llmrepro`: list, show, validate, run, smoke and reproduce the experiments of the catalog.
+"""`llmrepro`: list, show, validate, run, smoke, reproduce and compare the experiments of the catalog.
 
     llmrepro list
     llmrepro show instruct/dolly-pythia-2.8b --profile smoke
     llmrepro run instruct/dolly-pythia-2.8b --profile smoke train.max_steps=20
     llmrepro smoke
     llmrepro reproduce outputs/instruct/dolly-pythia-2.8b/smoke-1a2b3c4d5e/manifest.json
+    llmrepro compare outputs/similarity/*/smoke-* --metric accuracy --format markdown
 
-Bad input prints one line on stderr and exits 2.
+Bad input prints one line on stderr and exits 2. Only the standard library is imported before logging is
+set up, so that no third-party import can print before it; torch and the recipes load when a run starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
-import logging
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from llmrepro import __version__, catalog, runs
-from llmrepro.errors import UserError
-from llmrepro.progress import enabled as progress_enabled
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+from llmrepro import __version__
 
 
 def cmd_list(args) -> int:
-    rows = [[e.name, e.spec.source, e.spec.recipe, e.spec.measures] for e in catalog.load_all()]
-    print(_table(rows, ["experiment", "source", "recipe", "measures"]))
+    from llmrepro.core import catalog, io
+
+    rows = [[e.name, e.spec.source, e.spec.recipe, e.spec.description] for e in catalog.load_all()]
+    print(io.table(rows, ["experiment", "source", "recipe", "description"]))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from llmrepro.core import io, registry
+
+    rows = [[r.name, "yes" if r.supports_resume else "", "yes" if r.supports_distributed else "",
+             ", ".join(r.depends_on), r.description] for r in registry.RECIPES]
+    print(io.table(rows, ["recipe", "resume", "torchrun", "reads runs of", "description"]))
     return 0
 
 
 def cmd_show(args) -> int:
+    import yaml
+
+    from llmrepro.core import catalog
+
     exp = catalog.load(args.experiment)
-    cfg = exp.resolve(args.profile, args.overrides)
-    print(yaml.safe_dump({"experiment": exp.name, "recipe": exp.spec.recipe, "profile": args.profile,
-                          "params": cfg.model_dump(mode="json")}, sort_keys=False), end="")
+    spec = exp.run_spec(args.profile, args.overrides)
+    src = exp.source
+    print(yaml.safe_dump({"experiment": exp.name, "recipe": spec.recipe, "profile": args.profile,
+                          "source": f"{src.repository}@{src.commit}", "run_id": spec.default_run_id,
+                          "params": spec.params,
+                          "reference": [r.model_dump(exclude_none=True) for r in spec.references]},
+                         sort_keys=False), end="")
     return 0
 
 
 def cmd_validate(args) -> int:
-    errors, count = [], 0
-    for name in catalog.names():
+    from llmrepro.core import catalog
+    from llmrepro.core.errors import UserError
+
+    errors, count, names = [], 0, catalog.names()
+    for name in names:
         try:
             exp = catalog.load(name)
             for profile in [None, *exp.spec.profiles]:
@@ -63,33 +74,64 @@ def cmd_validate(args) -> int:
         print(f"invalid: {err}", file=sys.stderr)
     if errors:
         raise UserError(f"{len(errors)} experiment file(s) invalid")
-    print(f"ok: {len(catalog.names())} experiments, {count} configurations valid")
+    print(f"ok: {len(names)} experiments, {count} configurations valid")
     return 0
 
 
-def _spec(exp: catalog.Experiment, profile: str | None, overrides: list[str]) -> runs.RunSpec:
-    cfg = exp.resolve(profile, overrides)
-    return runs.RunSpec(exp.name, exp.spec.recipe, cfg.model_dump(mode="json"), profile, list(overrides))
-
-
 def cmd_run(args) -> int:
-    exp = catalog.load(args.experiment)
-    final = runs.execute(_spec(exp, args.profile, args.overrides), args.output_dir, run_id=args.run_id,
-                         resume=args.resume, force=args.force)
+    from llmrepro.core import catalog, io, results, runs
+
+    spec = catalog.load(args.experiment).run_spec(args.profile, args.overrides)
+    final = runs.execute(spec, args.output_dir, run_id=args.run_id, resume=args.resume, force=args.force,
+                         wait=args.wait)
+    reference = io.read_json(final / "metrics.json").get("reference")
+    if reference:
+        print(results.reference_table(reference, "text"), file=sys.stderr)
     print(final)
     return 0
 
 
+def smoke_order(names: list[str]) -> list[str]:
+    """`names` with every experiment after the experiments its smoke config reads (catalog order otherwise)."""
+    from llmrepro.core import catalog
+
+    deps = {}
+    for name in names:
+        cfg = catalog.load(name).resolve("smoke")
+        deps[name] = [r.experiment for r in cfg.dependencies() if r.experiment in names]
+    ordered, seen = [], set()
+
+    def visit(name: str, stack: tuple[str, ...] = ()) -> None:
+        if name in seen:
+            return
+        if name in stack:
+            from llmrepro.core.errors import UserError
+
+            raise UserError(f"smoke profiles depend on each other in a circle: {' -> '.join((*stack, name))}")
+        for dep in deps[name]:
+            visit(dep, (*stack, name))
+        seen.add(name)
+        ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered
+
+
 def cmd_smoke(args) -> int:
-    """Every experiment's smoke profile in turn; a finished identical run is reused unless --force."""
+    """Every experiment's smoke profile in turn, dependencies first; a finished identical run is reused."""
+    import logging
+
+    from llmrepro.core import catalog, io, runs
+    from llmrepro.core.errors import UserError
+
     names = [n for n in catalog.names() if not args.only or any(fnmatch.fnmatch(n, p) for p in args.only)]
     if not names:
         raise UserError(f"no experiment matches {args.only}")
     rows, failed = [], 0
-    for name in names:
-        exp = catalog.load(name)
-        spec = _spec(exp, "smoke", args.overrides)
-        final = runs.output_root(args.output_dir) / name / spec.default_run_id
+    for name in smoke_order(names):
+        spec = catalog.load(name).run_spec("smoke", args.overrides)
+        final = io.output_root(args.output_dir) / name / spec.default_run_id
         start = time.perf_counter()
         try:
             if (final / "metrics.json").is_file() and not args.force:
@@ -97,31 +139,43 @@ def cmd_smoke(args) -> int:
             else:
                 final = runs.execute(spec, args.output_dir, force=args.force)
                 status = "ok"
-            metrics = json.loads((final / "metrics.json").read_text())
+            metrics = io.read_json(final / "metrics.json")
+            metrics.pop("reference", None)
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:3])
         except Exception as err:  # one broken experiment must not hide the others' results
             status, shown, failed = "FAILED", f"{type(err).__name__}: {str(err).splitlines()[0][:100]}", failed + 1
-            logging.getLogger("llmrepro").exception("smoke %s failed", name)
+            logging.getLogger("llmrepro").debug("smoke %s failed", name, exc_info=True)
         rows.append([name, status, f"{time.perf_counter() - start:.1f}", shown])
-    print(_table(rows, ["experiment", "status", "seconds", "metrics"]))
+    print(io.table(rows, ["experiment", "status", "seconds", "metrics"]))
     print(f"smoke: {len(rows) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
 def cmd_reproduce(args) -> int:
+    from llmrepro.core import io, results, runs
+    from llmrepro.core.errors import UserError
+
     path = Path(args.manifest)
     run_dir = path.parent if path.name == "manifest.json" else path
     spec, manifest = runs.read_run(run_dir)
     if manifest.get("status") != "complete":
         raise UserError(f"{run_dir}: run is not complete (status {manifest.get('status')}); nothing to compare")
     final = runs.execute(spec, args.output_dir, run_id=f"{manifest['run_id']}-repro", force=args.force)
-    actual = json.loads((final / "metrics.json").read_text())
-    rows = runs.compare_metrics(manifest["metrics"], actual, args.rtol, args.atol)
-    print(_table([[k, a, b, "ok" if ok else "DIFFERS"] for k, a, b, ok in rows],
-                 ["metric", "original", "reproduced", "match"]))
+    actual = io.read_json(final / "metrics.json")
+    rows = results.compare_metrics(manifest["metrics"], actual, args.rtol, args.atol)
+    print(io.table([[k, a, b, "ok" if ok else "DIFFERS"] for k, a, b, ok in rows],
+                   ["metric", "original", "reproduced", "match"]))
     differs = sum(not ok for *_, ok in rows)
     print(f"reproduce: {len(rows) - differs} passed, {differs} failed ({final})")
     return 1 if differs else 0
+
+
+def cmd_compare(args) -> int:
+    from llmrepro.core import io, results
+
+    rows, header = results.compare(args.runs, args.metric or (), args.references_only)
+    print(io.table(rows, header, args.format))
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,10 +188,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="llmrepro", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"llmrepro {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the run log on the console too")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every log record on the console too")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("list", help="experiments: source project, recipe, what it measures").set_defaults(fn=cmd_list)
+    sub.add_parser("list", help="experiments: source project, recipe, description").set_defaults(fn=cmd_list)
+    sub.add_parser("recipes", help="recipes: what each does and which runs it reads").set_defaults(fn=cmd_recipes)
     s = sub.add_parser("show", help="the fully resolved config of an experiment")
     s.add_argument("experiment")
     s.add_argument("--profile")
@@ -152,10 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id", help="run directory name (default <profile>-<config hash>)")
     r.add_argument("--resume", action="store_true", help="continue an incomplete run of the same config")
     r.add_argument("--force", action="store_true", help="replace a finished run / restart an incomplete one")
+    r.add_argument("--wait", action="store_true", help="if another process is running this run, wait for it")
     r.add_argument("overrides", nargs="*", metavar="key=value")
     r.set_defaults(fn=cmd_run)
 
-    m = sub.add_parser("smoke", help="run every experiment's smoke profile, then print a summary")
+    m = sub.add_parser("smoke", help="run every experiment's smoke profile (dependencies first), then a summary")
     m.add_argument("--output-dir")
     m.add_argument("--only", action="append", metavar="GLOB", help="only experiments matching (repeatable)")
     m.add_argument("--force", action="store_true", help="re-run smoke runs that already finished")
@@ -169,24 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rtol", type=float, default=1e-5)
     d.add_argument("--atol", type=float, default=1e-8)
     d.set_defaults(fn=cmd_reproduce)
+
+    c = sub.add_parser("compare", help="one table of several runs' metrics next to the published figures")
+    c.add_argument("runs", nargs="+", metavar="RUN_OR_MANIFEST")
+    c.add_argument("--metric", action="append", metavar="GLOB", help="only these metrics (repeatable)")
+    c.add_argument("--references-only", action="store_true", help="only metrics with a published figure")
+    c.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    c.set_defaults(fn=cmd_compare)
     return p
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Warnings on the console (so bad input stays one line), everything from INFO up in each run's run.log."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("llmrepro").setLevel(logging.INFO)
-    if not progress_enabled():
-        import datasets
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from llmrepro.core import logs
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options (`run EXP --profile smoke a.b=1`), which argparse cannot interleave
@@ -194,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logs.setup(args.verbose)  # before any third-party import: their import-time records go to run logs
+    from llmrepro.core.errors import UserError
+    from llmrepro.core.progress import quiet_library_bars
+
     try:
-        _setup_logging(args.verbose)
+        quiet_library_bars()
         return args.fn(args)
     except UserError as err:
         print(f"llmrepro: error: {err}", file=sys.stderr)

@@ -30,27 +30,25 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
-from llmrepro import data, gradients, memory, shards
-from llmrepro.data import DataConfig
-from llmrepro.errors import UserError
-from llmrepro.models import ModelConfig, load_model, load_tokenizer, locate
-from llmrepro.projection import Projection, Projector
-from llmrepro.recipes.base import RecipeConfig, Strict
+from llmrepro.core import io
+from llmrepro.core.config import RecipeConfig
+from llmrepro.core.errors import UserError
+from llmrepro.gradients import encoding, shards
+from llmrepro.gradients.projection import Projection
+from llmrepro.lm import data
+from llmrepro.lm.data import DataConfig
+from llmrepro.lm.models import ModelConfig, default_device, load_model, load_tokenizer, locate
 
-NAME = "extract-gradients"
-DESCRIPTION = "Per-sample loss gradients (inputs_embeds | parameters | lora), randomly projected, in shards"
-SUPPORTS_RESUME = True
 SHARD_KEYS = ("shard_start", "shard_end", "merge", "tracking")  # what may differ between runs of one extraction
 
 
 class Config(RecipeConfig):
     model: ModelConfig
     data: DataConfig
-    paradigm: gradients.Paradigm = "sft"
-    target: gradients.Target = "inputs_embeds"
+    paradigm: encoding.Paradigm = "sft"
+    target: encoding.Target = "inputs_embeds"
     checkpoint: int | str = 0  # index into the model's revisions, or a revision name
     revisions: list[str] | None = None  # the revisions an index refers to (default: the hub's branches)
     projection: Projection | None = None  # none: store full gradients
@@ -119,36 +117,40 @@ def resolve_checkpoint(cfg: Config) -> str:
 
 # ------------------------------------------------------------------------------------------ extraction
 
-def _device(cfg: Config) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def grad_dim(model, cfg: Config) -> int:
+    from llmrepro.gradients import per_sample
+
     if cfg.target == "inputs_embeds":
         return cfg.max_length * model.get_input_embeddings().embedding_dim
-    return sum(p.numel() for p in gradients.select_params(model, cfg.target).values())
+    return sum(p.numel() for p in per_sample.select_params(model, cfg.target).values())
 
 
-def batch_grads(model, batch: dict, cfg: Config) -> torch.Tensor:
+def batch_grads(model, batch: dict, cfg: Config):
     """(B, grad_dim) flattened per-sample gradients; input gradients zero-padded to max_length tokens."""
+    import torch
+
+    from llmrepro.gradients import per_sample
+
     if cfg.target == "inputs_embeds":
-        g = gradients.input_grads(model, batch, cfg.paradigm)  # (B, T, d)
+        g = per_sample.input_grads(model, batch, cfg.paradigm)  # (B, T, d)
         g = torch.nn.functional.pad(g, (0, 0, 0, cfg.max_length - g.shape[1]))  # (B, max_length, d)
         return g.flatten(start_dim=1)
-    return gradients.flatten(gradients.per_sample_grads(model, batch, cfg.paradigm, cfg.target, cfg.vmap_chunk_size))
+    return per_sample.flatten(per_sample.per_sample_grads(model, batch, cfg.paradigm, cfg.target, cfg.vmap_chunk_size))
 
 
-def extract_range(model, examples: list[dict], pad_id: int, cfg: Config, projector: Projector | None) -> torch.Tensor:
+def extract_range(model, examples: list[dict], pad_id: int, cfg: Config, projector):
     """Gradients (projected if configured) of `examples`, in order: (len(examples), D)."""
+    import torch
+
     dtype = getattr(torch, cfg.grad_dtype)
     rows = []
     for i in range(0, len(examples), cfg.batch_size):
-        g = batch_grads(model, gradients.collate(examples[i:i + cfg.batch_size], pad_id), cfg).detach().to(dtype)
+        g = batch_grads(model, encoding.collate(examples[i:i + cfg.batch_size], pad_id), cfg).detach().to(dtype)
         rows.append((projector.project(g) if projector else g).cpu())
     return torch.cat(rows)
 
 
-def write_mean(out: Path, n: int, per_file: int) -> torch.Tensor:
+def write_mean(out: Path, n: int, per_file: int):
     """Sum the per-shard sums (in shard order) into `mean`."""
     mean = shards.load_all(out / "sums", n, per_file).sum(dim=0, keepdim=True) / n
     shards.save(out / "mean", mean)
@@ -156,9 +158,14 @@ def write_mean(out: Path, n: int, per_file: int) -> torch.Tensor:
 
 
 def run(cfg: Config, ctx) -> dict:
+    import torch
+
+    from llmrepro.gradients.projection import Projector
+    from llmrepro.training import memory
+
     if cfg.merge:
         return merge_runs(cfg, ctx)
-    device = _device(cfg)
+    device = torch.device(cfg.device or default_device())
     revision = resolve_checkpoint(cfg)
     model_cfg = cfg.model.model_copy(update={"revision": revision if locate(cfg.model)[1]["source"] == "hub" else None})
     tokenizer = load_tokenizer(model_cfg)
@@ -190,7 +197,7 @@ def run(cfg: Config, ctx) -> dict:
         if shards.is_done(target_dir, start, end):
             skipped += 1
             continue
-        examples = [gradients.encode(rows[i], cfg.data.format, tokenizer, cfg.paradigm, cfg.max_length, epoch)
+        examples = [encoding.encode(rows[i], cfg.data.format, tokenizer, cfg.paradigm, cfg.max_length, epoch)
                     for i in range(start, end)]
         g = extract_range(model, examples, tokenizer.pad_token_id, cfg, projector)
         if cfg.mode == "store_mean":
@@ -228,17 +235,19 @@ def _shared_params(run_dir: Path) -> dict | None:
 
 def merge_runs(cfg: Config, ctx) -> dict:
     """Gather the shards of this experiment's runs with the same settings (any shard range) into ctx.dir."""
+    import torch
+
     mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SHARD_KEYS}
     runs = sorted(d for d in ctx.dir.parent.iterdir() if d != ctx.dir and _shared_params(d) == mine)
     found = [(d, m.parent) for d in runs for m in (d / "gradients").glob("**/extraction.json")]
     if not found:
         raise UserError(f"merge: no runs of this extraction under {ctx.dir.parent} to merge; "
                         "run its shard ranges first (shard_start=... shard_end=...)")
-    metas = {json.dumps(json.loads((g / "extraction.json").read_text()), sort_keys=True) for _, g in found}
+    metas = {json.dumps(io.read_json(g / "extraction.json"), sort_keys=True) for _, g in found}
     if len(metas) > 1:
         raise UserError(f"merge: the runs under {ctx.dir.parent} made their shards differently "
                         "(extraction.json differs); re-run them with the same settings")
-    meta = json.loads((found[0][1] / "extraction.json").read_text())
+    meta = io.read_json(found[0][1] / "extraction.json")
     out = ctx.dir / found[0][1].relative_to(found[0][0])
     shards.check_meta(out, meta)
     wanted = shards.ranges(meta["samples"], meta["gradients_per_file"])
@@ -251,56 +260,3 @@ def merge_runs(cfg: Config, ctx) -> dict:
     else:
         metrics["grad_norm_mean"] = torch.cat([shards.read(out, *r).float().norm(dim=1) for r in wanted]).mean().item()
     return metrics
-
-
-# ------------------------------------------------------------------------------------------ reading runs
-
-class GradientsRef(Strict):
-    """Where another recipe finds extracted gradients: an experiment (+ profile, overrides) or a run directory."""
-
-    experiment: str | None = None  # e.g. gradients/olmo2-7b-sft-full-train; run first if it has not been
-    profile: str | None = None
-    overrides: list[str] = []
-    run_dir: str | None = None  # a finished extract-gradients run directory instead
-
-    @model_validator(mode="after")
-    def _one(self):
-        if (self.experiment is None) == (self.run_dir is None):
-            raise ValueError("give either experiment (with profile/overrides) or run_dir")
-        return self
-
-
-def find_run(ref: GradientsRef, ctx) -> Path:
-    """The finished extraction run `ref` names; an experiment's run is executed first when missing."""
-    from llmrepro import catalog, runs
-
-    if ref.run_dir is not None:
-        path = Path(ref.run_dir)
-        if not (path / "config.yaml").is_file() or not (path / "gradients").is_dir():
-            raise UserError(f"{path}: not a finished extract-gradients run (no config.yaml or gradients/)")
-        return path
-    exp = catalog.load(ref.experiment)
-    if exp.spec.recipe != NAME:
-        raise UserError(f"experiment {ref.experiment} runs {exp.spec.recipe}, not {NAME}")
-    spec = runs.RunSpec(exp.name, NAME, exp.resolve(ref.profile, ref.overrides).model_dump(mode="json"),
-                        ref.profile, list(ref.overrides))
-    root = ctx.dir.parents[len(Path(ctx.manifest["experiment"]).parts)]  # <root>/<experiment>/<run>
-    final = root / exp.name / spec.default_run_id
-    if not (final / "metrics.json").is_file():
-        ctx.log.info("gradients of %s (profile %s) not found at %s: extracting them first", exp.name, ref.profile, final)
-        final = runs.execute(spec, root)
-    return final
-
-
-def load_run(run_dir: Path) -> tuple[torch.Tensor, dict, dict]:
-    """(all stored per-sample gradients (N, D), the run's params, its extraction.json) of a `store` run."""
-    import yaml
-
-    metas = list((run_dir / "gradients").glob("**/extraction.json"))
-    if len(metas) != 1:
-        raise UserError(f"{run_dir}: expected one gradient directory, found {len(metas)}")
-    meta = json.loads(metas[0].read_text())
-    if meta["mode"] != "store":
-        raise UserError(f"{run_dir}: stores only the mean gradient (mode store_mean); per-sample gradients are needed")
-    grads = shards.load_all(metas[0].parent, meta["samples"], meta["gradients_per_file"])
-    return grads, yaml.safe_load((run_dir / "config.yaml").read_text())["params"], meta

@@ -19,13 +19,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from llmrepro.fused_optimizer import FusedOptimizer
-from llmrepro.recipes.base import RecipeConfig, Strict
-from llmrepro.recipes.memory_efficiency import OPTIMIZERS
-
-NAME = "fused-step-timing"
-DESCRIPTION = "Iteration time of a small dense net: standard vs fused optimizer step, bootstrap 95% CI"
-SUPPORTS_RESUME = False
+from llmrepro.core.config import RecipeConfig, Strict
+from llmrepro.training.optimizers import optimizer_class
 
 
 class GroupConfig(Strict):
@@ -70,8 +65,10 @@ def train(cfg: Config, fused: bool, x, y) -> tuple[float, list]:
     """(seconds per iteration, final parameters) of `iterations` steps from the seeded initial weights."""
     import torch
 
+    from llmrepro.training.fused_optimizer import FusedOptimizer
+
     net = build_net(cfg.width, cfg.seed)
-    cls = getattr(torch.optim, OPTIMIZERS[cfg.optimizer])
+    cls = optimizer_class(cfg.optimizer)
     opt = FusedOptimizer(param_groups(net, cfg), cls) if fused else cls(param_groups(net, cfg))
     start = time.perf_counter()
     for _ in range(cfg.iterations):

@@ -7,7 +7,7 @@ random projection, each tensor to a share of 1% or 5% of the parameter count (ro
 proportion to its size. Output `similarities.json`: `{paraphrased_id: {original_id: cosine}}`, candidates in
 BM25 order (the source's format), plus the top-1 accuracy of the cosine and of BM25.
 
-Deliberate differences: gradients are streamed (see `llmrepro.similarity`), not recomputed one sample at a
+Deliberate differences: gradients are streamed (see `llmrepro.gradients.dot_products`), not recomputed one sample at a
 time; per-tensor projection seeds come from crc32 of the tensor name instead of Python's salted `hash()`
 (which made the source's projections differ per process); per-tensor dims are split so that they sum to
 the requested total (the source rounded each to >= 512, overshooting it); projections are computed in
@@ -20,13 +20,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from llmrepro import memory, runs, similarity
-from llmrepro.recipes.base import Strict
-from llmrepro.similarity import PairsConfig
-
-NAME = "gradient-similarity"
-DESCRIPTION = "Cosine of paraphrased vs BM25-candidate original gradients, full or randomly projected (streamed)"
-SUPPORTS_RESUME = False
+from llmrepro.core import io
+from llmrepro.core.config import Strict
+from llmrepro.gradients import pairs as pairs_
+from llmrepro.gradients import similarity
+from llmrepro.gradients.pairs import PairsConfig
 
 
 class ProjectionConfig(Strict):
@@ -37,7 +35,7 @@ class ProjectionConfig(Strict):
 
     def spec(self, dim: int, seed: int):
         """The `llmrepro.projection` section for a total of `dim` dims (split over tensors later)."""
-        from llmrepro.projection import Projection
+        from llmrepro.gradients.projection import Projection
 
         return Projection(dim=dim, type=self.type, projector=self.projector, seed=seed,
                           max_matrix_mb=self.max_matrix_mb)
@@ -50,12 +48,14 @@ class Config(PairsConfig):
 def run(cfg: Config, ctx) -> dict:
     import time
 
-    pairs = similarity.load_pairs(cfg, ctx)
+    from llmrepro.training import memory
+
+    pairs = pairs_.load_pairs(cfg, ctx)
     memory.reset_peak()
     started = time.perf_counter()
-    dots = similarity.compute_dot_products(cfg, pairs, ctx, cfg.projection)
+    dots = pairs_.compute_dot_products(cfg, pairs, ctx, cfg.projection)
     seconds = time.perf_counter() - started
-    runs.write_json(ctx.dir / "similarities.json", similarity.similarity_json(dots, pairs.p_ids, pairs.o_ids))
+    io.write_json(ctx.dir / "similarities.json", similarity.similarity_json(dots, pairs.p_ids, pairs.o_ids))
 
     return {**similarity.summary(dots, pairs.p_ids, pairs.o_ids), "dims": int(sum(dots.tensors.values())),
             "samples_per_s": len(dots.candidates) / seconds, "peak_memory_mb": memory.peak_mb()}

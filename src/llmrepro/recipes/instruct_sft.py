@@ -22,24 +22,16 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
-from transformers import TrainerCallback
 
-from llmrepro import data, memory
-from llmrepro.data import DataConfig
-from llmrepro.errors import UserError
-from llmrepro.models import ModelConfig, load_model, load_tokenizer
-from llmrepro.progress import enabled as progress_enabled
-from llmrepro.recipes.base import RecipeConfig, Strict
+from llmrepro.core.config import RecipeConfig, Strict
+from llmrepro.core.errors import UserError
+from llmrepro.core.progress import enabled as progress_enabled
+from llmrepro.lm import data
+from llmrepro.lm.data import DataConfig
+from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
+from llmrepro.lm.templates import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, dolly_prompt
 
-NAME = "instruct-sft"
-DESCRIPTION = "Instruction SFT with the Dolly template and completion-only loss (transformers Trainer)"
-SUPPORTS_RESUME = True
-SUPPORTS_DISTRIBUTED = True  # under torchrun, Trainer trains data-parallel (DDP, or DeepSpeed with train.deepspeed)
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"  # zero2.json, zero3.json
-
-INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-INSTRUCTION_KEY, INPUT_KEY, RESPONSE_KEY, END_KEY = "### Instruction:", "### Input:", "### Response:", "### End"
-RESPONSE_KEY_NL = f"{RESPONSE_KEY}\n"
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "training" / "deepspeed"  # zero2.json, zero3.json
 CATEGORY_FILTERS = {"summarization": {"summarization"}, "qa_only": {"open_qa", "closed_qa", "general_qa"}}
 
 
@@ -82,16 +74,6 @@ class Config(RecipeConfig):
             raise ValueError(f"category_filter applies to Dolly data only, not format {self.data.format}")
 
 
-def format_prompt(instruction: str, response: str, context: str = "") -> str:
-    """The Dolly training text: intro, instruction, optional input, response, end key."""
-    parts = [INTRO, f"{INSTRUCTION_KEY}\n{instruction}"]
-    if context:
-        parts.append(f"{INPUT_KEY}\n{context}")
-    parts.append(f"{RESPONSE_KEY_NL}{response}")
-    parts.append(END_KEY)
-    return "\n\n".join(parts)
-
-
 def find_subsequence(seq: list[int], sub: list[int]) -> int | None:
     """Index of the first occurrence of `sub` in `seq`, or None."""
     for i in range(len(seq) - len(sub) + 1):
@@ -121,14 +103,15 @@ class CompletionOnlyCollator:
         return {k: torch.as_tensor(v) for k, v in batch.items()}
 
 
-class LogToRun(TrainerCallback):
-    """Writes each Trainer log (loss, lr, eval loss) to the run log."""
+def log_to_run(log):
+    """A Trainer callback that writes each Trainer log (loss, lr, eval loss) to the run log."""
+    from transformers import TrainerCallback
 
-    def __init__(self, log):
-        self.log = log
+    class LogToRun(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            log.info("step %d: %s", state.global_step, logs)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.log.info("step %d: %s", state.global_step, logs)
+    return LogToRun()
 
 
 def build_examples(rows: list[dict], cfg: Config, tokenizer) -> tuple[list[dict], dict]:
@@ -141,7 +124,7 @@ def build_examples(rows: list[dict], cfg: Config, tokenizer) -> tuple[list[dict]
         if keep_categories is not None and rec["category"] not in keep_categories:
             dropped["category"] += 1
             continue
-        ids = tokenizer.encode(format_prompt(rec["instruction"], rec["response"], rec["input"]),
+        ids = tokenizer.encode(dolly_prompt(rec["instruction"], rec["response"], rec["input"]),
                                add_special_tokens=False, truncation=True, max_length=cfg.train.max_length)
         if len(ids) >= cfg.train.max_length:
             dropped["too_long"] += 1
@@ -156,6 +139,8 @@ def run(cfg: Config, ctx) -> dict:
     import datasets
     from transformers import PrinterCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
+
+    from llmrepro.training import memory
 
     tokenizer = load_tokenizer(cfg.model)
     rows = data.load_rows(cfg.data, ctx)
@@ -178,7 +163,7 @@ def run(cfg: Config, ctx) -> dict:
         num_train_epochs=t.epochs, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay, eval_strategy="steps",
         eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        logging_steps=t.logging_steps, bf16=t.bf16, report_to=["wandb"] if ctx.manifest.get("tracking") else [],
+        logging_steps=t.logging_steps, bf16=t.bf16, report_to=["wandb"] if ctx.tracking else [],
         disable_tqdm=not progress_enabled(), remove_unused_columns=False,
         dataloader_num_workers=0, dataloader_pin_memory=False,
         deepspeed=str(DEEPSPEED_CONFIGS / f"{t.deepspeed}.json") if t.deepspeed in ("zero2", "zero3") else t.deepspeed,
@@ -187,7 +172,7 @@ def run(cfg: Config, ctx) -> dict:
                       data_collator=CompletionOnlyCollator(tokenizer, tokenizer.encode(RESPONSE_KEY_NL,
                                                                                        add_special_tokens=False)))
     trainer.remove_callback(PrinterCallback)  # Trainer's logs go to run.log, not stdout
-    trainer.add_callback(LogToRun(ctx.log))
+    trainer.add_callback(log_to_run(ctx.log))
     resumable = ctx.resume and (ctx.dir / "checkpoints").is_dir()
     checkpoint = get_last_checkpoint(str(ctx.dir / "checkpoints")) if resumable else None
     if checkpoint and cfg.model.lora is None:

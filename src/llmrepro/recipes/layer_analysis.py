@@ -1,8 +1,7 @@
 """layer-analysis: which parameter tensors carry the signal that finds a sample's original from its paraphrase.
 
-Reproduces the gradient-similarity project's layer-analysis notebook from layer-dot-products output
-(several partitions are merged first; with none given, `compute` runs layer-dot-products inline, which is
-how the smoke profile stays self-contained):
+Reproduces the gradient-similarity project's layer-analysis notebook from layer-dot-products runs (several
+partition runs are merged first):
 - top-1 accuracy among the BM25 candidates per tensor (cosine D_po / sqrt(D_pp D_oo)) and averaged per
   component (embed, q, k, v, o, gate, up, down, norms), against the BM25 baseline (its first candidate)
   and the full gradient (sum D_po / sqrt(sum D_pp sum D_oo));
@@ -21,40 +20,26 @@ import re
 from pathlib import Path
 
 import numpy as np
-from pydantic import model_validator
+from pydantic import Field
 
-from llmrepro import runs, similarity
-from llmrepro.errors import UserError
-from llmrepro.recipes.base import RecipeConfig
-from llmrepro.similarity import PairsConfig
-
-NAME = "layer-analysis"
-DESCRIPTION = "Per-layer/component accuracy vs BM25, correlation with full, greedy layer selection; plots + report"
-SUPPORTS_RESUME = False
+from llmrepro.core import io
+from llmrepro.core.config import RecipeConfig, RunRef
+from llmrepro.core.errors import UserError
+from llmrepro.gradients import similarity
 
 
 class Config(RecipeConfig):
-    dot_products: list[str] | None = None  # layer-dot-products outputs (run dirs or json): partitions are merged
-    compute: PairsConfig | None = None  # or compute the dot products inline (smoke)
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.dot_products is None) == (self.compute is None):
-            raise ValueError("give exactly one of `dot_products` (layer-dot-products outputs) and `compute`")
-        return self
+    dot_products: list[RunRef] = Field(min_length=1)  # layer-dot-products runs: partitions are merged
 
 
-def read_dot_products(paths: list[str]) -> dict:
+def read_dot_products(paths: list[Path]) -> dict:
     parts = []
     for path in paths:
-        p = Path(path).expanduser()
-        p = p / "dot_products.json" if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"dot products not found: {p} (run layer-dot-products first, or give its run directory)")
+        p = path / "dot_products.json"
         try:
             parts.append(json.loads(p.read_text()))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{p}: not JSON ({err})") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{p}: not a dot-products file ({err})") from None
     return similarity.merge(parts)
 
 
@@ -218,16 +203,10 @@ def report(result: dict, plots: list[str]) -> str:
 
 
 def run(cfg: Config, ctx) -> dict:
-    if cfg.compute is not None:
-        pairs = similarity.load_pairs(cfg.compute, ctx)
-        dots = similarity.compute_dot_products(cfg.compute, pairs, ctx)
-        data = similarity.dots_json(dots, pairs.p_ids, pairs.o_ids)
-        runs.write_json(ctx.dir / "dot_products.json", data)
-    else:
-        data = read_dot_products(cfg.dot_products)
+    data = read_dot_products([ctx.require(ref, "layer-dot-products").path for ref in cfg.dot_products])
     dots, p_ids, o_ids = similarity.from_json(data)
     result = analyse(dots, p_ids, o_ids)
-    runs.write_json(ctx.dir / "analysis.json", result)
+    io.write_json(ctx.dir / "analysis.json", result)
     plots = plot(result, ctx.dir)
     (ctx.dir / "report.md").write_text(report(result, plots))
     best = max(result["tensors"].items(), key=lambda kv: kv[1]["accuracy"])

@@ -23,16 +23,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmrepro import data
-from llmrepro.data import DataConfig
-from llmrepro.errors import UserError
-from llmrepro.models import ModelConfig, load_model, load_tokenizer
-from llmrepro.recipes.base import RecipeConfig, Strict
-from llmrepro.similarity import read_variants, rules_paraphrase, rules_variants, single_turn
-
-NAME = "make-variants"
-DESCRIPTION = "Paraphrased / model-generated versions of single-turn chat samples (OpenAI-compatible, local or rules)"
-SUPPORTS_RESUME = False
+from llmrepro.core.config import RecipeConfig, RunRef, Strict
+from llmrepro.core.errors import UserError
+from llmrepro.gradients.pairs import read_variants, rules_paraphrase, rules_variants, single_turn
+from llmrepro.lm import data
+from llmrepro.lm.data import DataConfig
+from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
 
 SYSTEM_PROMPT = ("You are a paraphrasing expert who is specialized in rewriting text (questions, statements, etc.) "
                  "without altering the content. Keep in mind, that the meaning must not change after the "
@@ -60,8 +56,8 @@ class Config(RecipeConfig):
     kind: Literal["paraphrased", "model-generated"]
     data: DataConfig  # the originals, chat format (Tulu v2 LIMA rows)
     generator: GeneratorConfig = GeneratorConfig()  # paraphrased: who paraphrases
-    paraphrased: str | None = None  # model-generated: variants.jsonl (or run dir) of a paraphrased run, or
-    # "rules": the deterministic word-rule paraphrases of `data` (self-contained smoke runs)
+    paraphrased: RunRef | None = None  # model-generated: a kind=paraphrased make-variants run
+    paraphrase_rules: bool = False  # model-generated without a paraphrased run: word-rule paraphrases of `data`
     model: ModelConfig | None = None  # model-generated: the model under study, greedy
     max_new_tokens: int = Field(512, ge=1)  # model-generated answers
 
@@ -69,9 +65,10 @@ class Config(RecipeConfig):
     def _dependencies(self):
         if self.data.format != "chat":
             raise ValueError("make-variants needs chat data (data.format: chat)")
-        if self.kind == "model-generated" and (self.paraphrased is None or self.model is None):
-            raise ValueError("kind=model-generated needs `paraphrased` (the variants.jsonl or run directory of a "
-                             "kind=paraphrased run: make that first) and `model` (the model that answers)")
+        if self.kind == "model-generated" and ((self.paraphrased is None) == (not self.paraphrase_rules)
+                                               or self.model is None):
+            raise ValueError("kind=model-generated needs `model` (the model that answers) and one of `paraphrased` "
+                             "(a kind=paraphrased make-variants run: make that first) or paraphrase_rules: true")
         return self
 
 
@@ -144,13 +141,13 @@ def run(cfg: Config, ctx) -> dict:
             for r in ctx.progress(originals, desc="paraphrasing")]
     else:
         known = {r["id"] for r in originals}
-        if cfg.paraphrased == "rules":
+        if cfg.paraphrase_rules:
             paraphrased = rules_variants(originals)
         else:
-            paraphrased = [r for r in read_variants(cfg.paraphrased) if r["id"] in known]
-            ctx.record_input("datasets", str(cfg.paraphrased), source="variants", rows=len(paraphrased))
-        if not paraphrased:
-            raise UserError(f"{cfg.paraphrased}: no paraphrased sample has the id of an original in {cfg.data.name}")
+            dep = ctx.require(cfg.paraphrased, "make-variants")
+            paraphrased = [r for r in read_variants(dep.path) if r["id"] in known]
+            if not paraphrased:
+                raise UserError(f"{dep.path}: no paraphrased sample has the id of an original in {cfg.data.name}")
         model = Greedy(cfg.model, cfg.max_new_tokens, ctx)
         rows = [{"id": r["id"], "dataset": r.get("dataset"), "kind": cfg.kind, "messages": [
             r["messages"][0], {"role": "assistant", "content": model.reply(r["messages"][:1])}]}

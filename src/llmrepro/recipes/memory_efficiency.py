@@ -1,5 +1,5 @@
 """memory-efficiency: peak memory, memory timeline and step time of fine-tuning with standard backprop or
-with the optimizer step fused into backward (`llmrepro.fused_optimizer`).
+with the optimizer step fused into backward (`llmrepro.training.fused_optimizer`).
 
 Reproduces the DTU thesis' memory experiments: OPT-125m and Llama-2-7B fine-tuned on LIMA, batch 1,
 sequence 256, 10 batches, gradient checkpointing, with backprop + SGD, backprop + Adam, fused + SGD,
@@ -9,7 +9,7 @@ source), the peak over the remaining steps, and their mean step time.
 
 Where it deliberately differs from the source:
 - Peak memory on a GPU is `torch.cuda.max_memory_allocated`. Without a GPU the training runs in a fresh
-  process (`memory_profile.in_fresh_process`) and the peak is its resident set size, with glibc's mmap
+  process (`memory.in_fresh_process`) and the peak is its resident set size, with glibc's mmap
   threshold fixed low so RSS tracks live tensors; the profiler's live-tensor peak is reported as well.
 - Every sample is padded or truncated to exactly `max_length` tokens, so all steps have one shape and the
   peak does not depend on which samples came last. Padding is excluded from the loss.
@@ -31,18 +31,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmrepro import data, memory, memory_profile, models, tiny
-from llmrepro.data import DataConfig
-from llmrepro.errors import UserError
-from llmrepro.fused_optimizer import FusedOptimizer, unsupported
-from llmrepro.models import ModelConfig, load_model, load_tokenizer
-from llmrepro.recipes.base import RecipeConfig, Strict
-
-NAME = "memory-efficiency"
-DESCRIPTION = "Peak memory, memory timeline and step time: standard backprop vs optimizer step fused into backward"
-SUPPORTS_RESUME = False
-OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}  # name -> torch.optim class
-STATES_PER_PARAM = {"sgd": 0, "adam": 2, "adamw": 2}  # s in the analytic prediction P(2+s) (SGD without momentum)
+from llmrepro.core.config import RecipeConfig, Strict
+from llmrepro.core.errors import UserError
+from llmrepro.lm import data, templates
+from llmrepro.lm.data import DataConfig
+from llmrepro.lm.models import ModelConfig, default_device, load_model, load_tokenizer, quantization_config
+from llmrepro.training.optimizers import SCHEDULERS, optimizer_class, unsupported
 
 
 class TrainConfig(Strict):
@@ -63,11 +57,8 @@ class TrainConfig(Strict):
     @field_validator("lr_scheduler")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
-        from transformers import SchedulerType
-
-        known = [s.value for s in SchedulerType]
-        if v not in known:
-            raise ValueError(f"unknown scheduler; use one of {', '.join(known)}")
+        if v not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler; use one of {', '.join(SCHEDULERS)}")
         return v
 
     @model_validator(mode="after")
@@ -104,16 +95,16 @@ class Config(RecipeConfig):
 
 def encode(rows: list[dict], tokenizer, max_length: int) -> dict:
     """input_ids, attention_mask, labels (padding -> -100), each (N, max_length)."""
-    template = None if tokenizer.chat_template else tiny.CHAT_TEMPLATE
+    template = None if tokenizer.chat_template else templates.TULU_CHAT_TEMPLATE
     texts = [tokenizer.apply_chat_template(r["messages"], chat_template=template, tokenize=False) for r in rows]
     enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
     return {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
 
 
 def build_optimizer(params: list, t: TrainConfig):
-    import torch
+    from llmrepro.training.fused_optimizer import FusedOptimizer
 
-    cls = getattr(torch.optim, OPTIMIZERS[t.optimizer])
+    cls = optimizer_class(t.optimizer)
     kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay}
     if params[0].is_cuda:
         # torch's fused kernels for both methods: the default multi-tensor (foreach) step allocates a
@@ -137,9 +128,11 @@ def measure(args: dict) -> dict:
     import torch
     from transformers import get_scheduler, set_seed
 
+    from llmrepro.training import memory
+
     cfg, out = Config.model_validate(args["config"]), Path(args["out_dir"])
     t = cfg.train
-    inputs, device = _Inputs(), memory_profile.device()
+    inputs, device = _Inputs(), default_device()
     tokenizer = load_tokenizer(cfg.model)
     rows = data.load_rows(cfg.data, inputs)
     if cfg.only_dataset is not None:
@@ -163,16 +156,16 @@ def measure(args: dict) -> dict:
     scaler = torch.amp.GradScaler(device) if t.mixed_precision == "fp16" else None
     autocast = (torch.autocast(device, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[t.mixed_precision]))
                 if t.mixed_precision != "no" else contextlib.nullcontext())
-    model_mb = memory_profile.current_mb()
+    model_mb = memory.current_mb()
 
     def step() -> tuple[float, float, float]:
         """(loss, seconds, MB added by the forward pass) of one optimizer step."""
         start, total, forward_mb = time.perf_counter(), 0.0, 0.0
         for _ in range(t.gradient_accumulation_steps):
-            before = memory_profile.current_mb()
+            before = memory.current_mb()
             with autocast:
                 loss = model(**next(batches)).loss / t.gradient_accumulation_steps
-            forward_mb = max(forward_mb, memory_profile.current_mb() - before)
+            forward_mb = max(forward_mb, memory.current_mb() - before)
             (scaler.scale(loss) if scaler else loss).backward()
             total += loss.item()
         if scaler:
@@ -192,21 +185,21 @@ def measure(args: dict) -> dict:
 
     losses, metrics = [], {}
     if t.profile_steps:
-        with memory_profile.profiler() as prof:
+        with memory.profiler() as prof:
             losses += [step()[0] for _ in range(t.profile_steps)]
-        times, by_category = memory_profile.timeline(prof)
+        times, by_category = memory.timeline(prof)
         del prof
         (out / "memory_timeline.json").write_text(json.dumps({"time_ms": times, "mb": by_category}))
-        memory_profile.plot_timeline(times, by_category, out / "memory_timeline.png",
+        memory.plot_timeline(times, by_category, out / "memory_timeline.png",
                                      f"{cfg.model.name}: {t.method} + {t.optimizer}, first {t.profile_steps} steps")
-        metrics.update({f"timeline_peak_{k}_mb": v for k, v in memory_profile.peak_breakdown(by_category).items()})
-    memory_profile.reset_peak()
-    start_mb = memory_profile.current_mb()
+        metrics.update({f"timeline_peak_{k}_mb": v for k, v in memory.peak_breakdown(by_category).items()})
+    memory.reset_peak()
+    start_mb = memory.current_mb()
     timed = [step() for _ in range(t.steps - t.profile_steps)]
-    peak = memory.peak_mb()  # since memory_profile.reset_peak above
+    peak = memory.peak_mb()  # since memory.reset_peak above
     losses += [loss for loss, _, _ in timed]
 
-    trainable = [p.numel() * p.element_size() / memory_profile.MB for p in params]
+    trainable = [p.numel() * p.element_size() / memory.MB for p in params]
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.dim() > 0)
     return {
@@ -219,23 +212,25 @@ def measure(args: dict) -> dict:
         "peak_above_model_mb": peak - model_mb,
         "timed_start_mb": start_mb,  # memory when the timed steps began (parameters, optimizer state, ...)
         "activation_mb": max(a for _, _, a in timed),
-        "param_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / memory_profile.MB,
+        "param_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / memory.MB,
         "trainable_param_mb": sum(trainable),
         "largest_grad_mb": max(trainable),
-        "optimizer_state_mb": state / memory_profile.MB,
+        "optimizer_state_mb": state / memory.MB,
         **metrics,
         "inputs": inputs.records,
     }
 
 
 def run(cfg: Config, ctx) -> dict:
+    from llmrepro.training import memory
+
     args = {"config": cfg.model_dump(mode="json"), "out_dir": str(ctx.dir)}
-    if memory_profile.device() == "cuda":
+    if default_device() == "cuda":
         result = measure(args)
     else:
-        models._quantization(cfg.model)  # 8-bit/4-bit without a GPU: the one-line error now, before spawning
+        quantization_config(cfg.model)  # 8-bit/4-bit without a GPU: the one-line error now, before spawning
         ctx.log.info("no GPU: measuring in a fresh process (peak resident memory)")
-        result = memory_profile.in_fresh_process(f"{__name__}:measure", args)
+        result = memory.in_fresh_process(f"{__name__}:measure", args)
     for kind, name, details in result.pop("inputs"):
         ctx.record_input(kind, name, **details)
     ctx.log_metrics(result, step=cfg.train.steps)

@@ -1,23 +1,18 @@
 """memory-report: one comparison of finished memory-efficiency runs, as a markdown table and a bar plot of
 peak memory and step time per variant (`report.md`, `report.png`).
 
-It reads the newest finished run of each listed experiment and profile from the same output root as this
-run (`<root>/<experiment>/<profile>-<hash>/metrics.json`); experiments without a finished run are listed as
-missing, so the report can be written at any point and rerun with `--force` as runs complete.
+It reads the run of each listed experiment with `profile` under the same output root as this run (the run
+its current config gives, `<root>/<experiment>/<profile>-<config hash>/`); experiments without a finished run
+are listed as missing, so the report can be written at any point and rerun with `--force` as runs complete.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
+from llmrepro.core import io
+from llmrepro.core.config import RecipeConfig, RunRef
 
-from llmrepro.recipes.base import RecipeConfig
-
-NAME = "memory-report"
-DESCRIPTION = "Markdown table and bar plot of peak memory and step time across memory-efficiency runs"
-SUPPORTS_RESUME = False
 COLUMNS = [("peak_memory_mb", "peak memory (MB)"), ("peak_above_model_mb", "above model (MB)"),
            ("timeline_peak_total_mb", "live tensors, first steps (MB)"), ("step_time_s", "step time (s)")]
 
@@ -26,28 +21,23 @@ class Config(RecipeConfig):
     experiments: list[str]  # memory-efficiency experiments to compare, e.g. memory_efficiency/opt-125m-fused-adam
     profile: str | None = None  # whose runs: "smoke" for the smoke runs, None for the full ones
 
-
-def latest_run(root: Path, experiment: str, profile: str | None) -> Path | None:
-    """The newest finished run directory of `experiment` with `profile`, or None."""
-    runs = [d for d in (root / experiment).glob(f"{profile or 'default'}-*")
-            if not d.name.endswith(".partial") and (d / "metrics.json").is_file()]
-    return max(runs, key=lambda d: (d / "metrics.json").stat().st_mtime, default=None)
+    def dependencies(self) -> list[RunRef]:
+        return [RunRef(experiment=exp, profile=self.profile) for exp in self.experiments]
 
 
-def collect(root: Path, cfg: Config) -> tuple[list[dict], list[str]]:
+def collect(ctx, cfg: Config) -> tuple[list[dict], list[str]]:
     """(one row per found run: experiment, method, optimizer, device, metrics..., missing experiment names)."""
     rows, missing = [], []
-    for exp in cfg.experiments:
-        run_dir = latest_run(root, exp, cfg.profile)
-        if run_dir is None:
-            missing.append(exp)
+    for ref in cfg.dependencies():
+        dep = ctx.find(ref, "memory-efficiency")
+        if dep is None:
+            missing.append(ref.experiment)
             continue
-        params = yaml.safe_load((run_dir / "config.yaml").read_text())["params"]
-        model, train = params["model"], params["train"]
+        model, train = dep.params["model"], dep.params["train"]
         variant = f"{train['method']} + {train['optimizer']}" + (" + LoRA" if model.get("lora") else "") + (
             f" + {model['quantization']}" if model.get("quantization") else "")
-        rows.append({"experiment": exp, "model": model["name"], "variant": variant, "run": str(run_dir),
-                     **json.loads((run_dir / "metrics.json").read_text())})
+        rows.append({"experiment": ref.experiment, "model": model["name"], "variant": variant, "run": str(dep.path),
+                     **io.read_json(dep.path / "metrics.json")})
     return rows, missing
 
 
@@ -83,9 +73,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: Config, ctx) -> dict:
-    # ctx.dir is <root>/<family>/<name>/<run-id>.partial: the root is one level up per experiment-name part.
-    root = ctx.dir.parents[len(ctx.manifest["experiment"].split("/"))]
-    rows, missing = collect(root, cfg)
+    rows, missing = collect(ctx, cfg)
     (ctx.dir / "report.md").write_text(markdown(rows, missing, cfg.profile))
     if rows:
         plot(rows, ctx.dir / "report.png")

@@ -15,26 +15,21 @@ Output: `quality.json` (per test sample and projection), `quality.md` (mean +- s
 from __future__ import annotations
 
 import numpy as np
-import torch
 from pydantic import Field
-from scipy import stats
 
-from llmrepro import runs
-from llmrepro.errors import UserError
-from llmrepro.projection import Projection, Projector
-from llmrepro.recipes.base import RecipeConfig
-from llmrepro.recipes.extract_gradients import GradientsRef, find_run, load_run
-from llmrepro.recipes.score_gradients import similarity
+from llmrepro.core import io
+from llmrepro.core.config import RecipeConfig, RunRef
+from llmrepro.core.errors import UserError
+from llmrepro.gradients import store
+from llmrepro.gradients.projection import Projection
+from llmrepro.gradients.similarity import score_matrix
 
-NAME = "projection-quality"
-DESCRIPTION = "Kendall tau, Spearman rho and NDCG of projected vs full gradient rankings, per type and dim"
-SUPPORTS_RESUME = False
 METRICS = ("spearman", "kendall", "ndcg")
 
 
 class Config(RecipeConfig):
-    train: GradientsRef  # full (unprojected) gradients
-    test: GradientsRef
+    train: RunRef  # an extract-gradients run of full (unprojected) gradients
+    test: RunRef
     projections: list[Projection] = Field(min_length=1)
     function: str = Field("dot", pattern="^(dot|cosine)$")
     ndcg_k: int = Field(10, ge=1)
@@ -52,6 +47,8 @@ def ndcg_at_k(full: np.ndarray, projected: np.ndarray, k: int) -> float:
 
 def agreement(full: np.ndarray, projected: np.ndarray, k: int) -> dict[str, float]:
     """Ranking agreement of two score vectors over the same train samples."""
+    from scipy import stats
+
     return {"spearman": float(stats.spearmanr(full, projected).statistic),
             "kendall": float(stats.kendalltau(full, projected).statistic),
             "ndcg": ndcg_at_k(full, projected, k)}
@@ -79,24 +76,27 @@ def plot(summary: dict, path) -> None:
 
 
 def run(cfg: Config, ctx) -> dict:
-    train, _, train_meta = load_run(find_run(cfg.train, ctx))
-    test, _, test_meta = load_run(find_run(cfg.test, ctx))
+    from llmrepro.gradients.projection import Projector
+    from llmrepro.lm.models import default_device
+
+    train, _, train_meta = store.load(ctx.require(cfg.train, "extract-gradients").path)
+    test, _, test_meta = store.load(ctx.require(cfg.test, "extract-gradients").path)
     if train_meta["projection"] or test_meta["projection"]:
         raise UserError("projection-quality needs full gradients (extractions without projection) for train and test")
     if train.shape[1] != test.shape[1]:
         raise UserError(f"train gradient dimension {train.shape[1]} != test {test.shape[1]}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    full = similarity(test, train, cfg.function).numpy()  # (M, N)
+    device = default_device()
+    full = score_matrix(test, train, cfg.function).numpy()  # (M, N)
     per_sample, summary = {}, {}
     for spec in ctx.progress(cfg.projections, desc="projections"):
         projector = Projector(spec, train.shape[1], device)
-        proj = similarity(projector.project(test.float()).cpu(), projector.project(train.float()).cpu(), cfg.function).numpy()
+        proj = score_matrix(projector.project(test.float()).cpu(), projector.project(train.float()).cpu(), cfg.function).numpy()
         rows = [agreement(full[i], proj[i], cfg.ndcg_k) for i in range(len(full))]
         key = spec.folder
         per_sample[key] = rows
         summary[key] = {"type": spec.type.value, "dim": spec.dim, **{
             f"{m}_{agg}": float(fn([r[m] for r in rows])) for m in METRICS for agg, fn in (("mean", np.mean), ("std", np.std))}}
-    runs.write_json(ctx.dir / "quality.json", {"summary": summary, "per_test_sample": per_sample})
+    io.write_json(ctx.dir / "quality.json", {"summary": summary, "per_test_sample": per_sample})
     header = "| projection | dim | " + " | ".join(f"{m} (mean ± std)" for m in METRICS) + " |"
     lines = [header, "|" + "---|" * (2 + len(METRICS))]
     for s in summary.values():

@@ -6,7 +6,7 @@ file of the train samples sorted by score, each with its dataset row (the source
 
 Output: `scores/{dot|cosine}/test_{i}.json`, a list of {rank, index, score, **train row}, best first
 (`top_k` of them, or all). Gradients come from finished extract-gradients runs, named by experiment (run
-first when missing) or by run directory. Differences from the source: all shards of a run are read (the
+first), or by run directory. Differences from the source: all shards of a run are read (the
 source took one file); scores are computed as one matrix product per method.
 """
 
@@ -15,39 +15,26 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from llmrepro import data
-from llmrepro.data import DataConfig
-from llmrepro.errors import UserError
-from llmrepro.recipes.base import RecipeConfig
-from llmrepro.recipes.extract_gradients import GradientsRef, find_run, load_run
-
-NAME = "score-gradients"
-DESCRIPTION = "Rank train samples per test sample by gradient dot product or cosine; top-k JSON with the text"
-SUPPORTS_RESUME = False
+from llmrepro.core.config import RecipeConfig, RunRef
+from llmrepro.core.errors import UserError
+from llmrepro.gradients import store
+from llmrepro.gradients.similarity import score_matrix
+from llmrepro.lm import data
+from llmrepro.lm.data import DataConfig
 
 
 class Config(RecipeConfig):
-    train: GradientsRef
-    test: GradientsRef
+    train: RunRef  # an extract-gradients run (mode store)
+    test: RunRef
     function: Literal["dot", "cosine", "both"] = "both"
     top_k: int | None = Field(None, ge=1)  # none: every train sample, as the source
 
 
-def similarity(test: torch.Tensor, train: torch.Tensor, method: str) -> torch.Tensor:
-    """(M, D), (N, D) -> (M, N) scores, in float32."""
-    test, train = test.float(), train.float()
-    if method == "cosine":
-        test, train = F.normalize(test, dim=-1), F.normalize(train, dim=-1)
-    return test @ train.T
-
-
 def run(cfg: Config, ctx) -> dict:
-    train, train_params, _ = load_run(find_run(cfg.train, ctx))
-    test, _, _ = load_run(find_run(cfg.test, ctx))
+    train, train_params, _ = store.load(ctx.require(cfg.train, "extract-gradients").path)
+    test, _, _ = store.load(ctx.require(cfg.test, "extract-gradients").path)
     if train.shape[1] != test.shape[1]:
         raise UserError(f"train gradients have dimension {train.shape[1]}, test gradients {test.shape[1]}: "
                         "extract both with the same model, max_length and projection")
@@ -55,7 +42,7 @@ def run(cfg: Config, ctx) -> dict:
     k = min(cfg.top_k or len(train), len(train))
     metrics = {"train_samples": len(train), "test_samples": len(test), "dim": train.shape[1]}
     for method in (["dot", "cosine"] if cfg.function == "both" else [cfg.function]):
-        scores = similarity(test, train, method)  # (M, N)
+        scores = score_matrix(test, train, method)  # (M, N)
         top = scores.topk(k, dim=1)
         out = ctx.dir / "scores" / method
         out.mkdir(parents=True, exist_ok=True)

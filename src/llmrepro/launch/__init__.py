@@ -1,0 +1,1 @@
+"""Launchers: container images (docker, podman, apptainer) and SLURM jobs."""

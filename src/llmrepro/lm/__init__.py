@@ -1,0 +1,1 @@
+"""Language-model plumbing: models (hub, local, tiny), datasets and fixtures, prompt templates."""

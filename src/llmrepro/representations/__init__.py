@@ -1,0 +1,1 @@
+"""Representations: activation caches, probes and interventions."""

@@ -1,0 +1,1 @@
+"""Training pieces: the optimizer step fused into backward, memory measurement, optimizers."""

@@ -1,0 +1,157 @@
+"""Measuring memory: the peak of the current process (CUDA allocator peak on a GPU, peak resident set size on
+CPU), peaks that can be reset, a fresh process per measurement, and the torch profiler's memory timeline by
+category (parameters, optimizer state, gradients, activations, ...).
+
+On a GPU the peak is `torch.cuda.max_memory_allocated` (live tensor bytes). On CPU it is the peak resident
+set size, which only means something in a process that did nothing else first: `in_fresh_process` runs a
+function in a new interpreter with glibc's mmap threshold fixed low, so freed tensors go back to the OS
+instead of staying in the heap (glibc otherwise raises the threshold after large frees and RSS overstates
+live tensors), and `reset_peak` clears the kernel's high-water mark (`/proc/self/clear_refs`) so a peak
+covers the measured steps only. The profiler's memory events count live tensor bytes on either device.
+
+    python -m llmrepro.training.memory MODULE:FUNCTION PARAMS.json RESULT.json   # what in_fresh_process runs
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from llmrepro.core.errors import UserError
+
+MMAP_THRESHOLD = 64 * 1024  # bytes: allocations above this are mmapped, and unmapped when freed
+MB = 2**20
+
+
+def peak_mb() -> float:
+    """torch.cuda.max_memory_allocated on a GPU; otherwise ru_maxrss (the process's peak RSS since the last
+    `reset_peak`, or since start)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / MB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / MB if sys.platform == "darwin" else rss / 1024
+
+
+def current_mb() -> float:
+    """Memory in use now: CUDA allocated bytes on a GPU, resident set size on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / MB
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+
+
+def reset_peak() -> None:
+    """Start a new peak: CUDA peak stats, or on Linux the process's resident high-water mark (after handing
+    freed heap memory back to the OS, so earlier garbage, e.g. a profiler's records, is not counted)."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")  # 5 = reset the peak RSS (Linux >= 4.0)
+
+
+def in_fresh_process(target: str, params: dict) -> dict:
+    """`target(params)` ("module:function", returning a JSON-able dict) run in a new Python process."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    with tempfile.TemporaryDirectory(prefix="llmrepro-measure-") as tmp:
+        args_path, result_path = Path(tmp, "params.json"), Path(tmp, "result.json")
+        args_path.write_text(json.dumps(params))
+        proc = subprocess.run([sys.executable, "-m", "llmrepro.training.memory", target, str(args_path),
+                               str(result_path)], env=env, stderr=subprocess.PIPE, text=True)
+        if proc.returncode == UserError.exit_code and result_path.is_file():
+            raise UserError(json.loads(result_path.read_text())["user_error"])
+        if proc.returncode != 0:
+            raise RuntimeError(f"{target} failed in its measuring process (exit {proc.returncode}):\n"
+                               + "\n".join(proc.stderr.strip().splitlines()[-20:]))
+        return json.loads(result_path.read_text())
+
+
+# --- the torch profiler's memory timeline ------------------------------------------------------------------
+
+def profiler():
+    """A torch profiler that records what the memory timeline needs (shapes, memory events, stacks)."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=True)
+
+
+def timeline(prof) -> tuple[list[float], dict[str, list[float]]]:
+    """(times in ms from the start, {category: MB live at each time}) of a finished profile, on the device.
+
+    Uses torch's `MemoryProfileTimeline`, the data behind `export_memory_timeline` (deprecated only for
+    its CUDA-only successor, `torch.cuda.memory._record_memory_history`, which cannot see CPU tensors).
+    """
+    import torch
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    device_str = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    times, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device_str)
+    if not times:
+        return [], {}
+    t0 = min(times)
+    by_category = {("unknown" if c is None else c.name.lower()): [row[i + 1] / MB for row in sizes]
+                   for c, i in _CATEGORY_TO_INDEX.items()}
+    return [(t - t0) / 1e3 for t in times], by_category
+
+
+def peak_breakdown(by_category: dict[str, list[float]]) -> dict[str, float]:
+    """MB per category at the moment of the largest total, plus that total."""
+    totals = [sum(col) for col in zip(*by_category.values(), strict=True)]
+    if not totals:
+        return {"total": 0.0}
+    i = max(range(len(totals)), key=totals.__getitem__)
+    return {"total": totals[i], **{c: sizes[i] for c, sizes in by_category.items()}}
+
+
+def plot_timeline(times: list[float], by_category: dict[str, list[float]], path: Path, title: str) -> None:
+    """Stacked area plot of live memory by category over time (the profiler's memory timeline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    ax.stackplot(times, *by_category.values(), labels=list(by_category), alpha=0.8)
+    ax.set(xlabel="time (ms)", ylabel="live tensors (MB)", title=title)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _main(argv: list[str]) -> int:
+    target, params_path, result_path = argv
+    module, _, function = target.partition(":")
+    try:
+        result = getattr(importlib.import_module(module), function)(json.loads(Path(params_path).read_text()))
+    except UserError as err:
+        Path(result_path).write_text(json.dumps({"user_error": str(err)}))
+        return err.exit_code
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
