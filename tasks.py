@@ -9,7 +9,7 @@
     invoke build --variant cpu                     # the OCI image (docker or podman, auto-detected)
     invoke run EXP -p smoke --runtime podman       # one experiment in that image (--dry-run prints the command)
     invoke save; invoke sif                        # OCI archive, then the Apptainer SIF made from it
-    invoke lock                                    # regenerate requirements/{cpu,cuda}.lock
+    invoke lock                                    # regenerate requirements/*.lock (one resolution)
 """
 
 from __future__ import annotations
@@ -33,14 +33,18 @@ def _llmrepro(c, *args: str, pty: bool = False):
 @task(help={"lock": "requirements lock file to install (default requirements/cpu.lock)"})
 def setup(c, lock="requirements/cpu.lock"):
     """Install the locked dependencies, then the package itself (editable, no dependency resolution)."""
+    if sys.version_info[:2] != (3, 11):
+        raise Exit(f"error: the locks are resolved for Python 3.11; this is {sys.version.split()[0]}", code=2)
     c.run(shlex.join([PYTHON, "-m", "pip", "install", "--require-hashes", "-r", lock]), echo=True)
     c.run(shlex.join([PYTHON, "-m", "pip", "install", "--no-deps", "-e", "."]), echo=True)
 
 
-@task(help={"k": "only tests matching this pytest -k expression", "x": "stop at the first failure"})
-def test(c, k="", x=False):
+@task(help={"k": "only tests matching this pytest -k expression", "x": "stop at the first failure",
+            "slow": "also the tests marked slow (minutes: the CUDA image build)"})
+def test(c, k="", x=False, slow=False):
     """Run the test suite (offline; tiny models are built into a temporary cache)."""
-    args = [PYTHON, "-m", "pytest", "-q"] + (["-k", k] if k else []) + (["-x"] if x else [])
+    args = [PYTHON, "-m", "pytest", "-q"] + (["-k", k] if k else []) + (["-x"] if x else []) \
+        + (["--slow"] if slow else [])
     c.run(" ".join(map(shlex.quote, args)), echo=True, pty=False)
 
 
@@ -164,17 +168,46 @@ def shell(c, runtime=None, gpus=False, dry_run=False):
     _exec(c, argv, dry_run, env, pty=True)
 
 
+LOCKS = "requirements"
+
+
+def _pins(lock_file: str, out: str, drop: tuple[str, ...] = ()) -> None:
+    """Write `name==version` of every pin of `lock_file` (less the names in `drop`) as a constraints file."""
+    from pathlib import Path
+
+    pins = [line.split()[0] for line in Path(lock_file).read_text().splitlines()
+            if line[:1].isalnum() and "==" in line and line.split("==")[0] not in drop]
+    Path(out).write_text("\n".join(pins) + "\n")
+
+
 @task(help={"upgrade": "move every pin to the newest allowed version (default: keep pins, add what is new)"})
 def lock(c, upgrade=False):
-    """Regenerate requirements/cpu.lock (Python 3.11, torch CPU from the local wheel folder, dev tools) and
-    requirements/cuda.lock (Python 3.12 of the CUDA image, PyPI's CUDA torch), hash-pinned, with uv."""
-    common = "uv pip compile pyproject.toml --no-python-downloads --generate-hashes --python-platform x86_64-manylinux_2_28 " \
-             "--custom-compile-command 'invoke lock'" + (" --upgrade" if upgrade else "")
+    """Regenerate requirements/{cpu,cuda,cuda-build,models}.lock in one resolution for Python 3.11, hash-pinned, with uv.
+
+    cpu.lock is resolved first (torch's CPU build from the local wheel folder, dev tools); its pins except torch
+    constrain cuda.lock (PyPI's CUDA torch and its nvidia-* wheels), so the two locks agree on every package they
+    share (tests/launch/test_locks.py). cuda-build.lock pins the CUDA image's build-only inputs (fast_jl's sdist,
+    the CUDA compiler wheels) to the versions of cuda.lock; models.lock the wheels the images carry model files in.
+    """
+    common = f"{BIN}/uv pip compile --no-python-downloads --generate-hashes --python-version 3.11 " \
+             "--python-platform x86_64-manylinux_2_28 --custom-compile-command 'invoke lock'" \
+             + (" --upgrade" if upgrade else "")
     with _containers() as ct:
         wheels = ct.pip_setting("find-links")
     find_links = f" --find-links {shlex.quote(wheels)} --no-emit-find-links" if wheels else ""
-    c.run(f"{common} --python-version 3.11 --extra dev{find_links} -o requirements/cpu.lock", echo=True)
-    c.run(f"{common} --python-version 3.12 -o requirements/cuda.lock", echo=True)
+    # The constraint files keep stable repo-relative names: uv writes them into the locks' `# via` comments.
+    cpu_pins, cuda_pins = f"{LOCKS}/cpu-pins.txt", f"{LOCKS}/cuda-pins.txt"
+    try:
+        c.run(f"{common} pyproject.toml --extra dev{find_links} -o {LOCKS}/cpu.lock", echo=True)
+        _pins(f"{LOCKS}/cpu.lock", cpu_pins, drop=("torch",))
+        c.run(f"{common} pyproject.toml --extra dev -c {cpu_pins} -o {LOCKS}/cuda.lock", echo=True)
+        _pins(f"{LOCKS}/cuda.lock", cuda_pins)
+        c.run(f"{common} {LOCKS}/cuda-build.in -c {cuda_pins} -o {LOCKS}/cuda-build.lock", echo=True)
+        c.run(f"{common} --no-deps {LOCKS}/models.in -o {LOCKS}/models.lock", echo=True)
+    finally:
+        for path in (cpu_pins, cuda_pins):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 # --- SLURM: scripts are rendered and submitted by llmrepro.slurm ---------------------------------------------
@@ -188,15 +221,33 @@ def lock(c, upgrade=False):
             "cpus_per_task": "CPUs per node", "mem": "memory per node, e.g. 64G", "time": "time limit, e.g. 04:00:00",
             "partition": "partition", "deepspeed": "zero2 | zero3: train with that shipped DeepSpeed ZeRO config",
             "output_dir": "output root (default $LLMREPRO_OUTPUT_DIR or ./outputs)",
-            "sif": "Apptainer image (default: the one `invoke sif` builds)", "dry_run": "print the script(s) only"},
+            "sif": "Apptainer image (default: the one `invoke sif` builds)", "dry_run": "print the script(s) only",
+            "gpu_mem": "memory per GPU in GiB for the plan (default 80)",
+            "no_plan": "submit without `llmrepro plan`'s check that the job fits its GPUs"},
       iterable=["override"])
 def slurm(c, experiment, profile=None, runtime="local", override=None, array=False, nodes=None, gpus_per_node=None,
           procs_per_node=None, cpus_per_task=None, mem=None, time=None, partition=None, deepspeed=None,
-          output_dir=None, sif=None, dry_run=False):
-    """Submit an experiment as a SLURM job (an array plus a merge job with --array); logs go next to its runs."""
+          output_dir=None, sif=None, dry_run=False, gpu_mem=None, no_plan=False):
+    """Plan the job (it is refused if it would run out of memory), then submit it as a SLURM job (an array plus a
+    merge job with --array); logs go next to its runs."""
     with _containers():
         from llmrepro.launch import slurm as s
 
+        if not no_plan:
+            from llmrepro.core import catalog
+            from llmrepro.training.planning import api
+
+            opts = s.options(profile=profile, runtime=runtime, overrides=list(override or []), array=array, nodes=nodes,
+                             gpus_per_node=gpus_per_node, procs_per_node=procs_per_node, mem=mem, deepspeed=deepspeed)
+            res = s.resources(catalog.load(experiment), opts)
+            plan = api.preflight(experiment, profile, [*opts.overrides, *([f"train.deepspeed={deepspeed}"] if deepspeed
+                                                                          else [])],
+                                 nodes=res.nodes, gpus_per_node=res.gpus_per_node, mem=res.mem,
+                                 procs_per_node=opts.procs_per_node or max(res.gpus_per_node, 1),
+                                 gpu_mem_gib=float(gpu_mem) if gpu_mem else None)
+            if not plan.fits:
+                raise Exit(f"refused: {plan.line()} (submit anyway with --no-plan)", code=3)
+            print(f"# {plan.line()}")
         print(s.launch(experiment, dry_run=dry_run, profile=profile, runtime=runtime, overrides=list(override or []),
                        array=array, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
                        cpus_per_task=cpus_per_task, mem=mem, time=time, partition=partition, deepspeed=deepspeed,

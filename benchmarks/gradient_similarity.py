@@ -1,15 +1,37 @@
-"""Benchmark: streamed per-tensor gradient dot products (this recipe) vs the source's approach.
+"""Benchmark: per-tensor gradient dot products of variants with their 5 candidates (layer-dot-products), three
+ways on the same model and data, each in a fresh process (time, and peak RSS from ru_maxrss):
 
-    python benchmarks/gradient_similarity.py [--samples 64]
+    python benchmarks/gradient_similarity.py [--samples 32] [--chunk-size 8] [--batch-size 8]
 
-tiny-llama scaled to ~10M parameters, `--samples` paraphrased samples (word-rule paraphrases of chat rows)
-each against its top-5 BM25 candidates among as many originals, prompt-masked SFT loss, eval mode.
-- source: one sample at a time (zero_grad, loss.backward, clone the gradient dict), every sample's gradient
-  dict kept, then the per-tensor dot products of every pair (`g1.flatten().dot(g2.flatten()).item()`);
-- streamed: `llmrepro.gradients.dot_products.stream_dot_products` over `per_sample.per_sample_grads` (chunk 8, batch 8).
-Each variant runs in a fresh process (peak RSS from ru_maxrss); the streamed one also at samples/4, for the
-memory growth as the sample count grows 4x. Both give the same dot products (checked, rtol 1e-4).
-Last line: RESULT speedup_vs_source=<x> memory_growth_4x=<x>
+- source: the source's algorithm as its code runs (lukas-hinterleitner/master-thesis @ e6ebdbe,
+  `src/computation.py` `__calculate_layerwise_dot_products` + `src/model_operations.py` `get_gradients`): for each
+  variant in order, `model.zero_grad()`, one forward of that one sample (`input_ids, labels, attention_mask`,
+  the model's default attention), `loss.backward()`, every parameter's gradient `.clone().detach().cpu()`; its
+  per-tensor self dot products `g.flatten().to(device).dot(...).item()`; its BM25 scores; then for each of its 5
+  candidates in BM25 order the same for the candidate (recomputed every time it is met: 6 backward passes per
+  variant), its self dot products the first time it is met, and the 113-style per-tensor `.item()` dot products
+  with the variant. At most two gradient dicts are alive.
+- ours: the recipe's own code (`llmrepro.gradients.pairs.compute_dot_products`): chunks of `--chunk-size` variants
+  grouped by shared candidates, per-sample gradients by `torch.func.vmap` in batches of `--batch-size` (eager
+  attention), per-tensor dot products as matrix products; it also runs at samples/4 for the memory growth.
+- floor: the physical floor, one batched forward + backward over the unique samples (each variant and each
+  distinct candidate once, batches of `--batch-size`, the default attention), of the sum of the per-sample mean
+  token losses: the same per-sample losses whose gradients the dot products are of; any method pays at least
+  this. (It yields their sum, not per-sample gradients: materializing those, or taking their dot products
+  without materializing them, is the overhead the other two add.)
+
+Candidates: when the source's published similarities are present (`--published`, default the shared copy of
+`data/gradient_similarity/paraphrased/.../sample_size_full.json`), the first `--samples` variants with their real
+candidate lists (so the sharing of candidates between variants is the real one); otherwise BM25 over the
+synthetic rows. Samples are synthetic chat rows of ~128 tokens (`rows`), tiny-llama scaled to ~10M parameters,
+float32, eval mode, CPU unless CUDA is there. The dot products of source and ours are checked equal (rtol 1e-4).
+
+Timing: on the CPU each worker runs torch on one thread and the ratios use the process's CPU time (user +
+system), which other load on a shared machine does not inflate the way it does wall time (both are printed);
+on a GPU, wall time after `torch.cuda.synchronize()`.
+
+Last line: RESULT speedup_vs_source=<x> overhead_vs_floor=<x> memory_growth_4x=<x>
+(`ghost_rel_error`, ghost dot products against materialized ones, is added by the ghost-dot-products work.)
 """
 
 from __future__ import annotations
@@ -22,88 +44,205 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 TINY = {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1024, "num_attention_heads": 6,
         "num_key_value_heads": 2}
+PUBLISHED = (Path(__file__).resolve().parents[2] / "shared" / "data" / "reference" / "gradient-similarity" / "data"
+             / "gradient_similarity" / "paraphrased" / "amd" / "AMD-OLMo-1B-SFT" / "sample_size_full.json")
 
 
-def rows(n: int) -> list[dict]:
-    """n single-turn chat rows: the lima fixture's, numbered to make more."""
-    from llmrepro.gradients import pairs
-    from llmrepro.lm import fixtures
+def original(i: int) -> dict:
+    """Synthetic LIMA-like row number i: a question and a ~120-token answer built from the fact tables."""
+    from llmrepro.lm.fixtures.facts import CAPITALS
 
-    base = pairs.single_turn(fixtures.rows("lima"))
-    return [{"id": f"s{i}", "messages": [{"role": "user", "content": f"{r['messages'][0]['content']} (case {i})"},
-                                         {"role": "assistant", "content": r["messages"][1]["content"]}]}
-            for i, r in ((i, base[i % len(base)]) for i in range(n))]
+    city, country = CAPITALS[i % len(CAPITALS)]
+    facts = [f"{c} is the capital of {k}." for c, k in CAPITALS]
+    answer = " ".join(facts[(i * 7 + j) % len(facts)] for j in range(12))
+    return {"id": f"lima_{i}", "dataset": "lima", "messages": [
+        {"role": "user", "content": f"Question {i}: what do you know about {city} and {country}?"},
+        {"role": "assistant", "content": answer}]}
 
 
-def worker(mode: str, n: int, out: str) -> None:
+def problem(n: int, published: str | None) -> tuple[list[dict], list[dict], list[list[int]], str]:
+    """(variants, originals, candidates, where the candidates come from)."""
+    from llmrepro.gradients import candidates as cands_
+    from llmrepro.gradients.pairs import rules_variants
+
+    if published and Path(published).is_file():
+        sims = json.loads(Path(published).read_text())
+        num = lambda s: int(s.rsplit("_", 1)[1])  # noqa: E731
+        order = sorted(sims, key=num)[:n]
+        ids = sorted({num(o) for p in order for o in sims[p]} | {num(p) for p in order})
+        index = {i: k for k, i in enumerate(ids)}
+        originals = [original(i) for i in ids]
+        variants = rules_variants([original(num(p)) for p in order])
+        cands = [[index[num(o)] for o in sims[p]] for p in order]
+        return variants, originals, cands, f"published candidate lists of the first {n} of {len(sims)} variants"
+    originals = [original(i) for i in range(n)]
+    variants = rules_variants(originals)
+    cands = cands_.bm25_candidates([v["messages"][0]["content"] for v in variants],
+                                   [o["messages"][0]["content"] for o in originals], list(range(n)))
+    return variants, originals, cands, f"BM25 over {n} synthetic originals"
+
+
+def model_config(attn: str | None):
+    from llmrepro.lm.models import ModelConfig
+
+    return ModelConfig(name="tiny-llama", tiny_config=TINY, attn_implementation=attn)
+
+
+class Timer:
+    """Wall and process CPU seconds of a block (CUDA synchronized at both ends)."""
+
+    def __enter__(self):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        self.seconds = self.wall if torch.cuda.is_available() else self.cpu
+
+
+def worker(mode: str, args) -> dict:
     import torch
 
-    from llmrepro.gradients import candidates, dot_products, encoding, pairs, per_sample
-    from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+    from llmrepro.core.context import RunContext
+    from llmrepro.gradients import encoding, pairs, per_sample
+    from llmrepro.gradients.dot_products import plan_chunks
+    from llmrepro.lm.models import default_device, load_model, load_tokenizer
 
     torch.manual_seed(42)
-    mcfg = ModelConfig(name="tiny-llama", tiny_config=TINY, attn_implementation="eager")
-    tok, model = load_tokenizer(mcfg), load_model(mcfg).eval()
-    originals = rows(n)
-    variants = pairs.rules_variants(originals)
-    cands = candidates.bm25_candidates([candidates.first_message(v) for v in variants],
-                                       [candidates.first_message(o) for o in originals], list(range(n)))
-    enc = {k: [encoding.encode(r, "chat", tok, "sft", 128) for r in rs] for k, rs in (("p", variants), ("o", originals))}
-    names = [n_ for n_, p in model.named_parameters()]
-    start = time.perf_counter()
-    if mode == "source":
-        def grad_dict(ex):
-            model.zero_grad()
-            model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss.backward()
-            return {n_: p.grad.detach().clone() for n_, p in model.named_parameters()}
-        stored = {(k, i): grad_dict(ex) for k in ("p", "o") for i, ex in enumerate(enc[k])}
-        po = {(p, o): [stored["p", p][t].flatten().dot(stored["o", o][t].flatten()).item() for t in names]
-              for p in range(n) for o in cands[p]}
+    variants, originals, cands, where = problem(args.samples, args.published)
+    tok = load_tokenizer(model_config(None))
+    pairs.force_template(tok, "tulu")
+    enc = {k: [encoding.encode(r, "chat", tok, "sft", 10**9) for r in rs] for k, rs in (("p", variants), ("o", originals))}
+    out: dict = {"where": where, "pairs": sum(map(len, cands)), "unique": len(variants) + len({o for c in cands for o in c})}
+    if mode == "ours":
+        cfg = pairs.PairsConfig(model=model_config("eager"), data={"name": "fixture:lima", "format": "chat"},
+                                chunk_size=args.chunk_size, batch_size=args.batch_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = RunContext(dir=Path(tmp) / "bench" / "similarity" / "run")
+            loaded = pairs.Pairs(variants, originals, cands)
+            model = pairs.load_model_for_gradients(cfg, ctx)  # the model load is not part of the timing
+            with Timer() as t:
+                dots, _ = pairs.compute_dot_products(cfg, loaded, ctx, loaded=model)
+        names = list(dots.tensors)
+        out["sample"] = {f"{p},{o}": dots.pairs[(p, o)][0].tolist() for p, o in sorted(dots.pairs)[:10]}
+        out["gradients"] = sum(len(ps) + len(os) for ps, os in plan_chunks(cands, args.chunk_size))
     else:
-        def grads(kind, idx):
-            g = per_sample.per_sample_grads(model, encoding.collate([enc[kind][i] for i in idx], tok.pad_token_id), "sft")
-            return {n_: t.reshape(len(idx), -1) for n_, t in g.items()}
-        dots = dot_products.stream_dot_products(grads, cands, chunk_size=8, batch_size=8)
-        po = {k: v[0].tolist() for k, v in dots.pairs.items()}
-    seconds = time.perf_counter() - start
-    sample = {f"{p},{o}": po[(p, o)] for p, o in sorted(po)[:10]}
-    json.dump({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "params": sum(p.numel() for p in model.parameters()), "pairs": len(po), "sample": sample}, open(out, "w"))
+        model = load_model(model_config(None)).eval().to(default_device())
+        dev = next(model.parameters()).device
+        names = [n for n, _ in model.named_parameters()]
+        if mode == "source":
+            from rank_bm25 import BM25Okapi
+
+            bm25 = BM25Okapi([o["messages"][0]["content"].split() for o in originals])
+
+            def get_gradients(ex):  # src/model_operations.py get_gradients
+                model.zero_grad()
+                ids = torch.tensor(ex["input_ids"]).reshape(1, -1).to(dev)
+                model(input_ids=ids, labels=torch.tensor(ex["labels"]).reshape(1, -1).to(dev),
+                      attention_mask=torch.ones_like(ids), use_cache=False).loss.backward()
+                return {n: p.grad.clone().detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+            def dot(g1, g2):
+                return {n: g1[n].flatten().to(dev).dot(g2[n].flatten().to(dev)).item() for n in g1}
+
+            po, seen, t = {}, set(), Timer().__enter__()
+            for p, ex in enumerate(enc["p"]):
+                g_p = get_gradients(ex)
+                dot(g_p, g_p)
+                bm25.get_scores(variants[p]["messages"][0]["content"].split())
+                for o in cands[p]:
+                    g_o = get_gradients(enc["o"][o])
+                    if o not in seen:
+                        seen.add(o)
+                        dot(g_o, g_o)
+                    po[(p, o)] = dot(g_p, g_o)
+            t.__exit__()
+            out["sample"] = {f"{p},{o}": [po[(p, o)][n] for n in names] for p, o in sorted(po)[:10]}
+            out["gradients"] = 6 * len(variants)
+        else:  # floor
+            unique = [enc["p"][p] for p in range(len(variants))] + [enc["o"][o] for o in sorted({o for c in cands for o in c})]
+            t = Timer().__enter__()
+            for i in range(0, len(unique), args.batch_size):
+                batch = encoding.collate(unique[i:i + args.batch_size], tok.pad_token_id)
+                model.zero_grad()
+                logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+                per_sample.per_sample_loss(logits, batch["labels"].to(dev), "sft").sum().backward()
+            t.__exit__()
+            out["gradients"] = len(unique)
+        out["params"] = sum(p.numel() for p in model.parameters())
+    out |= {"seconds": t.seconds, "wall_s": t.wall, "cpu_s": t.cpu}
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["tensors"] = len(names)
+    return out
 
 
-def measure(mode: str, n: int) -> dict:
+def measure(mode: str, args, samples: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, __file__, "--worker", mode, "--samples", str(n), "--out", f.name], check=True,
-                       env={**os.environ, "LLMREPRO_PROGRESS": "0", "HF_HUB_OFFLINE": "1"})
+        argv = [sys.executable, __file__, "--worker", mode, "--samples", str(samples), "--out", f.name,
+                "--chunk-size", str(args.chunk_size), "--batch-size", str(args.batch_size),
+                "--published", args.published or ""]
+        subprocess.run(argv, check=True, env={**os.environ, "LLMREPRO_PROGRESS": "0", "HF_HUB_OFFLINE": "1"})
         return json.load(open(f.name))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=64)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--chunk-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--published", default=str(PUBLISHED), help="the source's similarities JSON ('' for BM25)")
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.samples, args.out)
+        json.dump(worker(args.worker, args), open(args.out, "w"))
+        return
     import numpy as np
 
     n = args.samples
-    small, stream, source = measure("stream", n // 4), measure("stream", n), measure("source", n)
+    floor, ours, small, source = (measure("floor", args, n), measure("ours", args, n), measure("ours", args, max(1, n // 4)),
+                                  measure("source", args, n))
     for key in source["sample"]:
-        np.testing.assert_allclose(stream["sample"][key], source["sample"][key], rtol=1e-4, atol=1e-6)
-    print(f"model: tiny-llama {TINY}, {source['params'] / 1e6:.1f}M parameters; {n} paraphrased samples x 5 candidates "
-          f"({source['pairs']} pairs)")
-    print(f"{'variant':<34}{'samples':>8}{'seconds':>10}{'samples/s':>11}{'peak RSS MB':>13}")
-    for name, r, m in (("source (store all, then dot)", source, n), ("streamed", small, n // 4), ("streamed", stream, n)):
-        print(f"{name:<34}{m:>8}{r['seconds']:>10.2f}{m / r['seconds']:>11.2f}{r['rss_mb']:>13.0f}")
-    speedup = source["seconds"] / stream["seconds"]
-    growth = stream["rss_mb"] / small["rss_mb"]
-    print(f"source peak RSS / streamed peak RSS at {n} samples: {source['rss_mb'] / stream['rss_mb']:.2f}x")
-    print(f"RESULT speedup_vs_source={speedup:.2f} memory_growth_4x={growth:.2f}")
+        np.testing.assert_allclose(ours["sample"][key], source["sample"][key], rtol=1e-4, atol=1e-7)
+    print(f"model: tiny-llama {TINY}, {floor['params'] / 1e6:.1f}M parameters, {floor['tensors']} tensors; {n} variants "
+          f"x 5 candidates ({source['pairs']} pairs, {source['unique']} unique samples); candidates: {source['where']}")
+    print(f"{'variant':<40}{'samples':>8}{'gradients':>10}{'CPU s':>8}{'wall s':>8}{'variants/s':>11}{'peak RSS MB':>12}")
+    rows = [("source (1 + 5 backward per variant)", source, n), ("ours (streamed, vmap)", small, max(1, n // 4)),
+            ("ours (streamed, vmap)", ours, n), ("floor (unique samples, batched)", floor, n)]
+    for name, r, m in rows:
+        print(f"{name:<40}{m:>8}{r['gradients']:>10}{r['cpu_s']:>8.2f}{r['wall_s']:>8.2f}{m / r['seconds']:>11.2f}"
+              f"{r['rss_mb']:>12.0f}")
+    print(f"dot products of source and ours agree (rtol 1e-4) on {len(source['sample'])} pairs")
+    if args.published and Path(args.published).is_file():  # the whole run's candidate graph, at the measured costs
+        from llmrepro.gradients.dot_products import plan_chunks
+
+        sims = json.loads(Path(args.published).read_text())
+        index = {o: i for i, o in enumerate(sorted({o for c in sims.values() for o in c}))}
+        whole = [[index[o] for o in c] for c in sims.values()]
+        counts = {"source": 6 * len(whole), "ours": sum(len(ps) + len(os) for ps, os in plan_chunks(whole, args.chunk_size)),
+                  "floor": len(whole) + len(index)}
+        cost = {k: r["seconds"] / r["gradients"] for k, r in (("source", source), ("ours", ours), ("floor", floor))}
+        est = {k: counts[k] * cost[k] for k in counts}
+        print(f"estimate for all {len(whole)} variants (gradients source/ours/floor {counts['source']}/{counts['ours']}/"
+              f"{counts['floor']}, at the measured seconds per gradient): speedup_vs_source~{est['source'] / est['ours']:.2f} "
+              f"overhead_vs_floor~{est['ours'] / est['floor']:.2f}")
+    print(f"RESULT speedup_vs_source={source['seconds'] / ours['seconds']:.2f} "
+          f"overhead_vs_floor={ours['seconds'] / floor['seconds']:.2f} memory_growth_4x={ours['rss_mb'] / small['rss_mb']:.2f}")
 
 
 if __name__ == "__main__":

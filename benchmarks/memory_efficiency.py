@@ -3,14 +3,15 @@ and Adam, each next to its analytic prediction (issue #6).
 
     python benchmarks/memory_efficiency.py [--hidden 768 --layers 10 --seq 32 --steps 4 --threads 1]
 
-A tiny Llama scaled to ~70M parameters (batch 1, short sequence, so parameters dominate), each variant run
-by the `memory-efficiency` recipe's measuring function in a fresh process: on a GPU the peak is
+A tiny Llama scaled to ~70M parameters (batch 1, short sequence, so parameters dominate; no gradient
+checkpointing, clipping for backprop as the Trainer's default), each variant run by the `memory-efficiency`
+recipe's measuring function in a fresh process: on a GPU the peak is
 `torch.cuda.max_memory_allocated`, on CPU the peak resident set size with glibc's mmap threshold fixed low.
 The first step runs under the torch profiler (its live-tensor peak is printed as a second measurement),
 the others are timed, and their peak is taken relative to the memory at their start, when exactly the
 parameters and the optimizer state (measured) are live:
 
-    measured  = parameters + optimizer state + (peak - memory at the start of the timed steps)
+    measured  = parameters + optimizer state + (peak of the timed steps - memory at their start)
     predicted = P(2+s) + A             standard backprop: parameters, all gradients, states, activations
               = P(1+s) + A + G         fused: no full gradient set, only the largest single gradient G
 
@@ -40,9 +41,11 @@ def config(method: str, optimizer: str, args) -> dict:
                    "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 64,
                    "num_key_value_heads": args.hidden // 64}
     return {"model": {"name": "tiny-llama", "tiny_config": tiny_config},
-            "data": {"name": "fixture:lima", "format": "chat"},
+            "data": {"name": "fixture:gair-lima", "format": "lima"}, "template": "llama-2-no-bos",
+            "export_trace": False,
             "train": {"method": method, "optimizer": optimizer, "learning_rate": 1e-5, "max_length": args.seq,
-                      "steps": args.steps, "profile_steps": 1}}
+                      "rows": args.steps, "profile_steps": 1, "max_grad_norm": 1.0 if method == "backprop" else 0,
+                      "gradient_checkpointing": "off"}}
 
 
 def predicted(m: dict, method: str, optimizer: str) -> float:
@@ -53,7 +56,7 @@ def predicted(m: dict, method: str, optimizer: str) -> float:
 
 
 def measured(m: dict) -> float:
-    return m["param_mb"] + m["optimizer_state_mb"] + m["peak_memory_mb"] - m["timed_start_mb"]
+    return m["param_mb"] + m["optimizer_state_mb"] + m["timed_peak_mb"] - m["timed_start_mb"]
 
 
 def main() -> None:

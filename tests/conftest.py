@@ -7,6 +7,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["LLMREPRO_PROGRESS"] = "0"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub and transformers at their import
+os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.pop("LLMREPRO_OUTPUT_DIR", None)
@@ -33,6 +35,20 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (`invoke test --slow`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (minutes: the CUDA image build) are deselected unless --slow is given."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.hookimpl(hookwrapper=True)

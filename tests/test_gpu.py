@@ -19,7 +19,7 @@ def test_cuda_extraction_equals_cuda_projector_of_full_gradients(cli, tmp_path):
     per-sample gradients, as in the source."""
     from trak.projectors import CudaProjector, ProjectionType
 
-    from llmrepro.recipes import extract_gradients
+    from llmrepro.gradients import store
 
     common = ["--profile", "smoke", "--output-dir", str(tmp_path), "data.limit=10", "gradients_per_file=4"]
     assert cli("run", "gradients/olmo2-7b-sft-full-train", *common)[0] == 0
@@ -28,8 +28,8 @@ def test_cuda_extraction_equals_cuda_projector_of_full_gradients(cli, tmp_path):
     assert code == 0, err
     (full_dir,) = (tmp_path / "gradients" / "olmo2-7b-sft-full-train").iterdir()
     (proj_dir,) = (tmp_path / "gradients" / "olmo2-7b-sft-rademacher16384-train").iterdir()
-    full, _, _ = extract_gradients.load_run(full_dir)
-    projected, _, meta = extract_gradients.load_run(proj_dir)
+    full, _, _ = store.load(full_dir)
+    projected, _, meta = store.load(proj_dir)
     p = meta["projection"]
     assert p["projector"] == "cuda" and p["dim"] == 1024 and projected.shape == (10, 1024)
     ref = CudaProjector(p["grad_dim"], 1024, 42, ProjectionType.normal, "cuda", max_batch_size=8)

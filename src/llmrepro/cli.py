@@ -6,6 +6,7 @@
     llmrepro smoke
     llmrepro reproduce outputs/instruct/dolly-pythia-2.8b/smoke-1a2b3c4d5e/manifest.json
     llmrepro compare outputs/similarity/*/smoke-* --metric accuracy --format markdown
+    llmrepro plan instruct/dolly-pythia-12b --gpus 4 --gpu-mem 80
 
 Bad input prints one line on stderr and exits 2. Only the standard library is imported before logging is
 set up, so that no third-party import can print before it; torch and the recipes load when a run starts.
@@ -79,43 +80,20 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from llmrepro.core import catalog, io, results, runs
+    import os
+
+    from llmrepro.core import catalog, distributed, io, results, runs
 
     spec = catalog.load(args.experiment).run_spec(args.profile, args.overrides)
     final = runs.execute(spec, args.output_dir, run_id=args.run_id, resume=args.resume, force=args.force,
                          wait=args.wait)
+    if distributed.world_size() > 1 and int(os.environ.get("RANK", 0)) > 0:
+        return 0  # rank 0 publishes the run (after every rank is done) and reports it
     reference = io.read_json(final / "metrics.json").get("reference")
     if reference:
         print(results.reference_table(reference, "text"), file=sys.stderr)
     print(final)
     return 0
-
-
-def smoke_order(names: list[str]) -> list[str]:
-    """`names` with every experiment after the experiments its smoke config reads (catalog order otherwise)."""
-    from llmrepro.core import catalog
-
-    deps = {}
-    for name in names:
-        cfg = catalog.load(name).resolve("smoke")
-        deps[name] = [r.experiment for r in cfg.dependencies() if r.experiment in names]
-    ordered, seen = [], set()
-
-    def visit(name: str, stack: tuple[str, ...] = ()) -> None:
-        if name in seen:
-            return
-        if name in stack:
-            from llmrepro.core.errors import UserError
-
-            raise UserError(f"smoke profiles depend on each other in a circle: {' -> '.join((*stack, name))}")
-        for dep in deps[name]:
-            visit(dep, (*stack, name))
-        seen.add(name)
-        ordered.append(name)
-
-    for name in names:
-        visit(name)
-    return ordered
 
 
 def cmd_smoke(args) -> int:
@@ -129,19 +107,25 @@ def cmd_smoke(args) -> int:
     if not names:
         raise UserError(f"no experiment matches {args.only}")
     rows, failed = [], 0
-    for name in smoke_order(names):
+    for name in catalog.dependency_order(names, "smoke"):
         spec = catalog.load(name).run_spec("smoke", args.overrides)
         final = io.output_root(args.output_dir) / name / spec.default_run_id
         start = time.perf_counter()
+        expect_oom = getattr(spec.cfg, "expect", None) == "oom"  # the OOM reproduction: status oom is its outcome
         try:
             if (final / "metrics.json").is_file() and not args.force:
                 status = "reused"
             else:
-                final = runs.execute(spec, args.output_dir, force=args.force)
+                final = runs.execute(spec, args.output_dir, force=args.force or expect_oom)
                 status = "ok"
+            if expect_oom:
+                raise UserError("expected an out-of-memory failure (expect: oom), but the run completed")
             metrics = io.read_json(final / "metrics.json")
             metrics.pop("reference", None)
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(metrics.items())[:3])
+        except runs.OutOfMemory as err:
+            status, shown = ("oom (expected)", "") if expect_oom else ("FAILED", str(err)[:100])
+            failed += not expect_oom
         except Exception as err:  # one broken experiment must not hide the others' results
             status, shown, failed = "FAILED", f"{type(err).__name__}: {str(err).splitlines()[0][:100]}", failed + 1
             logging.getLogger("llmrepro").debug("smoke %s failed", name, exc_info=True)
@@ -166,6 +150,9 @@ def cmd_reproduce(args) -> int:
     print(io.table([[k, a, b, "ok" if ok else "DIFFERS"] for k, a, b, ok in rows],
                    ["metric", "original", "reproduced", "match"]))
     differs = sum(not ok for *_, ok in rows)
+    from llmrepro.core import provenance
+
+    print(provenance.compare_stacks(manifest.get("stack"), io.read_json(final / "manifest.json").get("stack")))
     print(f"reproduce: {len(rows) - differs} passed, {differs} failed ({final})")
     return 1 if differs else 0
 
@@ -176,6 +163,15 @@ def cmd_compare(args) -> int:
     rows, header = results.compare(args.runs, args.metric or (), args.references_only)
     print(io.table(rows, header, args.format))
     return 0
+
+
+def cmd_plan(args) -> int:
+    """Peak memory per device, offline: breakdown, verdict, and the smallest change that fits (exit 1 if OOM)."""
+    from llmrepro.training.planning import api
+
+    plan = api.plan(args.experiment, args.profile, args.overrides, gpus=args.gpus, gpu_mem_gib=args.gpu_mem)
+    print(api.render(plan))
+    return 0 if plan.fits else 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--references-only", action="store_true", help="only metrics with a published figure")
     c.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
     c.set_defaults(fn=cmd_compare)
+
+    pl = sub.add_parser("plan", help="peak memory per device, offline: breakdown, verdict, smallest change that fits")
+    pl.add_argument("experiment")
+    pl.add_argument("--profile")
+    pl.add_argument("--gpus", type=int, help="devices (default: the experiment's resources; 0: this CPU)")
+    pl.add_argument("--gpu-mem", type=float, metavar="GB", help="memory per GPU in GiB (default 80)")
+    pl.add_argument("overrides", nargs="*", metavar="key=value")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

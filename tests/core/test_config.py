@@ -34,13 +34,33 @@ def test_override_into_a_scalar_is_rejected():
         config.apply_overrides({"test_size": 3}, ["test_size.x=1"])
 
 
-def test_profile_is_merged_over_params():
-    cfg = catalog.load(EXP).resolve("smoke")
-    assert cfg.model.name == "tiny-pythia" and cfg.model.dtype == "float32"
-    assert cfg.data.format == "dolly"  # from the base params, untouched by the profile
-    base = catalog.load(EXP).resolve()
-    assert base.train.learning_rate == 5e-6 and base.train.batch_size == 16 and base.train.warmup_steps == 50
-    assert base.train.eval_steps == 50 and base.test_size == 200
+CATALOG = """# llmrepro run fam/x
+recipe: instruct-sft
+source: instruction-tuning
+description: d
+measures: m
+params:
+  model: {name: EleutherAI/pythia-2.8b, dtype: bfloat16}
+  data: {name: databricks/databricks-dolly-15k, format: dolly}
+  test_size: 200
+  train: {learning_rate: 5.0e-6, batch_size: 6, warmup_steps: 50}
+profiles:
+  smoke:
+    model: {name: tiny-pythia}
+    train: {batch_size: 2}
+"""
+
+
+def test_profile_is_merged_over_params(tmp_path):
+    (tmp_path / "fam").mkdir()
+    (tmp_path / "fam" / "x.yaml").write_text(CATALOG)
+    exp = catalog.load("fam/x", tmp_path)
+    cfg = exp.resolve("smoke")
+    assert cfg.model.name == "tiny-pythia" and cfg.model.dtype == "bfloat16"  # the profile's name, the base's dtype
+    assert cfg.data.format == "dolly" and cfg.train.batch_size == 2 and cfg.train.learning_rate == 5e-6
+    base = exp.resolve()
+    assert base.model.name == "EleutherAI/pythia-2.8b" and base.train.batch_size == 6 and base.test_size == 200
+    assert exp.resolve("smoke", ["train.batch_size=3", "model.dtype=float32"]).train.batch_size == 3
 
 
 @pytest.mark.parametrize("override, message", [
@@ -65,8 +85,8 @@ def test_all_errors_reported_at_once():
 
 
 def test_unknown_experiment_and_profile():
-    with pytest.raises(UserError, match=r"unknown experiment 'instruct/dolly-pythia'\. Did you mean 'instruct/dolly-pythia-2.8b'\?"):
-        catalog.load("instruct/dolly-pythia")
+    with pytest.raises(UserError, match=r"unknown experiment 'instruct/dolly-pythia-2.8'\. Did you mean 'instruct/dolly-pythia-2.8b'\?"):
+        catalog.load("instruct/dolly-pythia-2.8")
     with pytest.raises(UserError, match=r"has no profile 'tiny' \(profiles: .*smoke"):
         catalog.load(EXP).resolve("tiny")
 

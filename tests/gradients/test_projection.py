@@ -46,8 +46,18 @@ def test_bad_cuda_dim_fails_with_one_line(cli, tmp_path):
     assert not any(tmp_path.iterdir())  # rejected before any work
 
 
+def test_projections_are_float32_whatever_the_input():
+    """Both projectors compute in float32, as fast_jl returns float32 for the source's half-precision input."""
+    grads = torch.randn(3, 2048).half()
+    out = Projector(Projection(dim=512), 2048).project(grads)
+    assert out.dtype == torch.float32
+    ref = BasicProjector(2048, 512, 42, ProjectionType.rademacher, "cpu", block_size=512).project(grads.float(), 0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_extracted_projection_equals_traker_projection_of_full_gradients(cli, tmp_path):
-    """The projected run's shards are traker's BasicProjector applied to the full run's per-sample gradients."""
+    """The projected run's shards are traker's BasicProjector applied to the full run's per-sample gradients
+    (float16, as the source cast them before projecting), stored float32 in the source's (n, 1, dim) layout."""
     common = ["--profile", "smoke", "--output-dir", str(tmp_path), "data.limit=10", "gradients_per_file=4"]
     assert cli("run", "gradients/olmo2-7b-sft-full-train", *common)[0] == 0
     assert cli("run", "gradients/olmo2-7b-sft-rademacher16384-train", *common)[0] == 0
@@ -55,10 +65,11 @@ def test_extracted_projection_equals_traker_projection_of_full_gradients(cli, tm
     proj_dir, = (tmp_path / "gradients" / "olmo2-7b-sft-rademacher16384-train").iterdir()
     full, _, _ = store.load(full_dir)
     projected, _, meta = store.load(proj_dir)
-    assert (full_dir / "gradients/full/tiny-olmo2/lima/train/main/8_10").is_file()
-    assert (proj_dir / "gradients/rademacher_2048/tiny-olmo2/lima/train/main/8_10").is_file()
+    assert (full_dir / "gradients/full/tiny-olmo2/sampled-tulu/train/main/8_10").is_file()
+    shard = proj_dir / "gradients/rademacher_2048/tiny-olmo2/sampled-tulu/train/main/8_10"
+    assert torch.load(shard).shape == (2, 1, 2048) and torch.load(shard).dtype == torch.float32
     p = meta["projection"]
-    assert (full.shape, projected.shape, p["grad_dim"]) == ((10, 64 * 64), (10, 2048), 64 * 64)
+    assert (full.shape, full.dtype, projected.shape, p["grad_dim"]) == ((10, 128 * 64), torch.float16, (10, 2048), 128 * 64)
     ref = BasicProjector(p["grad_dim"], p["dim"], 42, ProjectionType.rademacher, p["device"],  # the run's RNG
                          block_size=p["block_size"]).project(full.to(p["device"]), model_id=0)
     torch.testing.assert_close(projected, ref.cpu(), atol=1e-4, rtol=1e-4)

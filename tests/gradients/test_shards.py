@@ -1,4 +1,5 @@
-"""Shards: atomic writes with markers, the last short shard, resume, shard ranges + merge, checkpoint errors."""
+"""Shards: the source's (n, 1, D) layout and a reader for its files, atomic writes with markers, the last short
+shard, resume, shard ranges + merge, checkpoint order and errors."""
 
 from __future__ import annotations
 
@@ -35,6 +36,57 @@ def test_save_is_atomic_and_marked(tmp_path):
         shards.load_all(tmp_path, 4, 2)
 
 
+def test_extraction_stores_the_source_layout(cli, tmp_path):
+    """Each shard is an (n, 1, D) tensor as the source's torch.stack of (1, D) rows; the store reads (N, D)."""
+    assert cli("run", EXP, "--profile", "smoke", "--output-dir", str(tmp_path), *SMALL)[0] == 0
+    run = only_run(tmp_path)
+    directory = run / "gradients/full/tiny-olmo2/sampled-tulu/train/main"
+    raw = shards.read(directory, 8, 10)
+    assert raw.shape == (2, 1, 128 * 64) and raw.dtype == torch.float16  # the source's dtype for full gradients
+    assert json.loads((directory / "8_10.done").read_text())["shape"] == [2, 1, 128 * 64]
+    grads, _, meta = store.load(run)
+    assert grads.shape == (10, 128 * 64) and torch.equal(grads[8:], raw[:, 0])
+    assert meta["layout"] == "(n, 1, D)" and meta["template"] == "source" and meta["padding"] == "longest"
+    assert torch.equal(store.load_source(directory), grads)  # our shard directory reads as the source's too
+
+
+def test_reader_of_the_source_files(tmp_path):
+    """The source's extract_gradients.py wrote plain torch.save'd (n, 1, D) files named {start}_{end}, no markers."""
+    parts = [torch.randn(4, 1, 6).half(), torch.randn(4, 1, 6).half()]
+    for (start, end), t in zip([(0, 4), (4, 8)], parts, strict=True):
+        torch.save(t, tmp_path / f"{start}_{end}")
+    (tmp_path / "notes.txt").write_text("not a gradient file")
+    expected = torch.cat(parts)[:, 0]
+    assert torch.equal(store.load_source(tmp_path), expected)
+    assert torch.equal(store.load_source(tmp_path / "4_8"), parts[1][:, 0])
+    (tmp_path / "0_4").rename(tmp_path / "1_4")
+    with pytest.raises(UserError, match=r"do not cover samples 0\.\.0 \(next file: 1_4\)"):
+        store.load_source(tmp_path)
+    torch.save(torch.zeros(3, 1, 6), tmp_path / "0_1")
+    with pytest.raises(UserError, match=r"0_1: holds a \(3, 6\) tensor, not the \(1, 1, D\) its name says"):
+        store.load_source(tmp_path)
+    (tmp_path / "0_1").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="0_1: cannot read as torch.save'd gradients"):
+        store.load_source(tmp_path)
+    with pytest.raises(UserError, match="source gradients not found"):
+        store.load_source(tmp_path / "missing")
+
+
+def test_mlm_extraction_with_the_source_padding(cli, tmp_path):
+    """paradigm mlm on a BERT with padding: max_length: every sample is max_length long and attends to its
+    padding, as the source ran RoBERTa, so the padding positions get gradients too."""
+    args = ["--profile", "smoke", "--output-dir", str(tmp_path), "model.name=tiny-bert", "paradigm=mlm",
+            "data.limit=4"]
+    assert cli("run", EXP, *args, "padding=max_length", "--run-id", "source")[0] == 0
+    assert cli("run", EXP, *args, "--run-id", "longest")[0] == 0
+    source, _, _ = store.load(tmp_path / EXP / "source")
+    longest, _, _ = store.load(tmp_path / EXP / "longest")
+    assert source.shape == longest.shape == (4, 128 * 64)
+    assert not torch.equal(source, longest)
+    pad_grads = longest.view(4, 128, 64).abs().sum(-1) == 0
+    assert pad_grads.any() and (source.view(4, 128, 64).abs().sum(-1)[pad_grads] > 0).any()
+
+
 def files(run_dir: Path) -> dict[str, bytes]:
     root = run_dir / "gradients"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -49,7 +101,8 @@ def test_interrupted_extraction_resumes_to_the_same_files(cli, tmp_path, monkeyp
     assert cli("run", EXP, "--profile", "smoke", "--output-dir", str(tmp_path / "a"), *SMALL)[0] == 0
     reference = files(only_run(tmp_path / "a"))
     assert sorted(k for k in reference if not k.endswith((".done", ".json"))) == [
-        "full/tiny-olmo2/lima/train/main/0_4", "full/tiny-olmo2/lima/train/main/4_8", "full/tiny-olmo2/lima/train/main/8_10"]
+        "full/tiny-olmo2/sampled-tulu/train/main/0_4", "full/tiny-olmo2/sampled-tulu/train/main/4_8",
+        "full/tiny-olmo2/sampled-tulu/train/main/8_10"]
 
     real, calls = extract_gradients.extract_range, []
 
@@ -78,7 +131,7 @@ def test_shard_ranges_merge_to_the_single_process_result(cli, tmp_path):
     assert cli("run", EXP, *out, "merge=true", "--run-id", "merged")[0] == 0
     merged, single = tmp_path / "array" / EXP / "merged", only_run(tmp_path / "one")
     assert files(merged) == files(single)
-    assert (merged / "gradients/full/tiny-olmo2/lima/train/main/8_10").stat().st_nlink == 2  # hard-linked
+    assert (merged / "gradients/full/tiny-olmo2/sampled-tulu/train/main/8_10").stat().st_nlink == 2  # hard-linked
     m = json.loads((merged / "metrics.json").read_text())
     assert m["grad_norm_mean"] == pytest.approx(json.loads((single / "metrics.json").read_text())["grad_norm_mean"])
 
@@ -99,7 +152,7 @@ def test_store_mean_is_the_mean_of_the_stored_gradients(cli, tmp_path):
     assert cli("run", EXP, *out, "mode=store_mean", "--run-id", "mean")[0] == 0
     grads, _, _ = store.load(tmp_path / EXP / "store")
     (mean_file,) = (tmp_path / EXP / "mean" / "gradients").rglob("mean")
-    torch.testing.assert_close(torch.load(mean_file), grads.mean(dim=0, keepdim=True), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.load(mean_file), grads.float().mean(dim=0, keepdim=True), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -121,9 +174,11 @@ def test_hub_checkpoint_index_offline_fails_clearly():
     assert extract_gradients.resolve_checkpoint(cfg.model_copy(update={"checkpoint": "stage1-step1000"})) == "stage1-step1000"
 
 
-def test_hub_revisions_are_ordered_by_training_progress():
+def test_hub_revisions_are_in_the_source_s_checkpoint_order():
+    """util.get_checkpoints_olmo: stage1 branches by step, stage2 by (ingredient, step), main; nothing else."""
     names = ["main", "stage2-ingredient2-step10-tokens1B", "stage1-step1000-tokens5B", "stage1-step200-tokens1B",
-             "stage2-ingredient1-step20-tokens2B"]
-    ordered = sorted((n for n in names if n != "main"), key=extract_gradients._stage_key) + ["main"]
-    assert ordered == ["stage1-step200-tokens1B", "stage1-step1000-tokens5B", "stage2-ingredient1-step20-tokens2B",
-                       "stage2-ingredient2-step10-tokens1B", "main"]
+             "stage2-ingredient1-step20-tokens2B", "experimental-branch"]
+    assert extract_gradients.order_revisions(names) == [
+        "stage1-step200-tokens1B", "stage1-step1000-tokens5B", "stage2-ingredient1-step20-tokens2B",
+        "stage2-ingredient2-step10-tokens1B", "main"]
+    assert extract_gradients.order_revisions(["main"]) == ["main"]  # OLMo-2-1124-7B-SFT: checkpoint 0 is main

@@ -1,8 +1,10 @@
 """Container commands: exact docker/podman/apptainer argv, the invoke tasks' dry runs and errors,
-hadolint + actionlint, and (marked `container`) a real podman build and smoke run."""
+hadolint + actionlint, (marked `container`) a real podman build and smoke run of the CPU image, and (marked `slow`
+too, `invoke test --slow`) the CUDA image: built, self-checked and run without a GPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmrepro import __version__
+from llmrepro.core import io, provenance
 from llmrepro.core.errors import UserError
 from llmrepro.launch import containers as ct
 
@@ -157,7 +160,7 @@ def test_podman_build_smoke_and_cached_rebuild(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "scripts"))
     from check_outputs import problems
 
-    assert problems(out, image_id) == []
+    assert problems(out, image_id, io.sha256_file(ROOT / "requirements/cpu.lock")) == []
 
     # Source-only change in a copy of the tree: every step before the source COPY must come from the cache.
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
@@ -177,3 +180,74 @@ def test_podman_build_smoke_and_cached_rebuild(tmp_path, monkeypatch):
     steps = re.findall(r"STEP \d+/\d+: (\w+) (.*)\n(--> Using cache)?", log)
     deps = [s for s in steps if "requirements.lock" in s[1] or "selfcheck" in s[1]]
     assert deps and all(cached for *_, cached in deps), log
+
+
+CUDA_ARCHES = "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120"  # docker/Dockerfile's CUDA_ARCHES: torch 2.13.0 cu130's
+NO_GPU = "llmrepro: error: projection.projector=cuda needs a CUDA GPU; none is available (use projector: basic)"
+
+
+def test_dockerfile_declares_the_arches_the_tests_expect():
+    assert f'ARG CUDA_ARCHES="{CUDA_ARCHES}"' in (ROOT / "docker/Dockerfile").read_text()
+
+
+def test_both_variants_build_on_the_same_base(monkeypatch):
+    monkeypatch.setattr(ct, "_succeeds", lambda cmd: False)  # no local base image: the pinned default
+    monkeypatch.setattr(ct, "pip_setting", lambda name: None)
+    args = {v: [a for a in ct.prepare_build("podman", v)[0] if a.startswith("BASE_IMAGE=")] for v in ct.VARIANTS}
+    assert args["cpu"] == args["cuda"] == [f"BASE_IMAGE={ct.BASE_IMAGE}"] and "@sha256:" in ct.BASE_IMAGE
+    monkeypatch.setattr(ct, "_succeeds", lambda cmd: cmd[-1] == ct.LOCAL_BASE)  # setup-podman.sh's base is there
+    for v in ct.VARIANTS:
+        argv, notes = ct.prepare_build("podman", v)
+        assert f"BASE_IMAGE={ct.LOCAL_BASE}" in argv and any(ct.LOCAL_BASE in n for n in notes)
+
+
+@pytest.mark.slow
+@pytest.mark.container
+@pytest.mark.timeout(7200)
+def test_cuda_image_builds_self_checks_and_runs_without_a_gpu(tmp_path):
+    """Build the CUDA image (no GPU needed; most of the time goes into compiling fast_jl for six arches), unless
+    LLMREPRO_CUDA_IMAGE names one built from the same Dockerfile (the images workflow's buildx build), then, in it
+    with no network: the self-check; fast_jl imports; the cuda projector stops for want of a GPU with one line,
+    not for want of fast_jl; a smoke run records the cuda stack, which is the CPU lock's except torch's build."""
+    engine = ct.detect_engine()
+    image = os.environ.get("LLMREPRO_CUDA_IMAGE")
+    if not image:
+        subprocess.run([sys.executable, "-m", "invoke", "build", "--variant", "cuda", "--engine", engine],
+                       cwd=ROOT, check=True)
+        image = ct.image_tags(__version__, "cuda", None)[0]
+    out, hf = tmp_path / "out", tmp_path / "hf"
+    out.mkdir()
+    hf.mkdir()
+
+    def in_image(*args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess:
+        argv = ct.run_command(engine, image, list(args), output_dir=str(out), hf_cache=str(hf), uid=os.getuid(),
+                              gid=os.getgid(), network="none", entrypoint=entrypoint)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+
+    check = in_image("/opt/llmrepro/selfcheck.py", "/opt/llmrepro/requirements.lock", "--cuda", "13.0",
+                     "--arch", CUDA_ARCHES, entrypoint="python")
+    assert check.returncode == 0, check.stderr
+    assert f"GPU code for {CUDA_ARCHES} in torch, fast_jl and libbitsandbytes_cuda130.so" in check.stdout
+    assert "NVIDIA driver >= 580" in check.stdout
+
+    kernels = in_image("-c", "import torch, fast_jl; print(sorted(k for k in dir(fast_jl) if k.startswith('project')))",
+                       entrypoint="python")
+    assert kernels.returncode == 0, kernels.stderr
+    assert "project_rademacher_8" in kernels.stdout and "project_normal_32" in kernels.stdout
+
+    cuda = in_image("run", "gradients/olmo2-7b-sft-rademacher16384-train", "--profile", "smoke",
+                    "projection.projector=cuda")
+    assert cuda.returncode == 2 and "Traceback" not in cuda.stderr
+    assert cuda.stderr.strip().splitlines()[-1] == NO_GPU
+
+    smoke = in_image("run", SMOKE_EXPERIMENT, "--profile", "smoke")
+    assert smoke.returncode == 0, smoke.stderr
+    [path] = (out / SMOKE_EXPERIMENT).rglob("manifest.json")
+    stack = json.loads(path.read_text())["stack"]
+    assert (stack["variant"], stack["lock"], stack["drift"]) == ("cuda", "/opt/llmrepro/requirements.lock", [])
+    assert stack["lock_sha256"] == io.sha256_file(ROOT / "requirements/cuda.lock")
+    assert stack["torch"] == "2.13.0+cu130"
+    local = dict(provenance.stack(), drift=[])  # this venv, installed from cpu.lock
+    assert provenance.compare_stacks(local, stack) == (
+        f"stack: the same pinned packages except torch's build ({local['torch']} on cpu, 2.13.0+cu130 on cuda) "
+        "and the CUDA libraries")

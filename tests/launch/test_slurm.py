@@ -245,9 +245,11 @@ def test_smoke_job_runs_and_a_resubmission_skips_it(sft_job):
 @cluster
 @pytest.mark.slurm
 def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(sft_job, tmp_path):
-    """2 CPU processes (gloo DDP) x batch 4 via srun + torchrun train exactly like 1 process x batch 8."""
+    """2 CPU processes (gloo DDP) x batch 4 via srun + torchrun train exactly like 1 process x batch 8 (with the
+    global token mean; instruct-sft's default, as the Dolly trainer, is each rank's own mean)."""
     _, single, _ = sft_job
-    overrides = ["train.max_steps=4", "train.logging_steps=1", "train.batch_size=4"]
+    overrides = ["train.max_steps=4", "train.logging_steps=1", "train.batch_size=4",
+                 "train.average_tokens_across_devices=true"]
     scripts = slurm.render(catalog.load(SFT), slurm.options(profile="smoke", procs_per_node=2, overrides=overrides,
                                                             output_dir=str(tmp_path)))
     assert "srun --ntasks-per-node=1 torchrun" in scripts[0].text

@@ -20,6 +20,11 @@ EXPECTED = {
     "hc3": ("hc3", ["id", "question", "human_answers", "chatgpt_answers", "source"]),
     "evol-instruct": ("evol-instruct", ["instruction", "output"]),
     "lima": ("chat", ["dataset", "id", "messages"]),
+    "tulu-v2": ("chat", ["dataset", "id", "messages"]),
+    "lima-paraphrased": ("paraphrased", ["id", "paraphrased_messages"]),
+    "lima-model-generated": ("model-generated", ["id", "model_generated_messages"]),
+    "sampled-tulu": ("chat", ["dataset", "id", "messages"]),
+    "ultrachat-test": ("chat", ["prompt", "prompt_id", "messages"]),
     "helpsteer2-dpo": ("preference", ["prompt", "chosen", "rejected"]),
     "truthfulqa-mc": ("multiple-choice", ["question", "mc1_targets", "mc2_targets"]),
     "cities": ("true-false", ["statement", "label", "city", "country", "correct_country"]),
@@ -30,6 +35,7 @@ EXPECTED = {
     "neg_sp_en_trans": ("true-false", ["statement", "label"]),
     "companies_true_false": ("true-false", ["statement", "label"]),
     "common_claim_true_false": ("true-false", ["statement", "label"]),
+    "gair-lima": ("lima", ["conversations", "source"]),
 }
 GEOMETRY_OF_TRUTH = Path(__file__).resolve().parents[3] / "shared" / "data" / "geometry-of-truth"
 
@@ -77,21 +83,14 @@ def test_real_geometry_of_truth_reads_unchanged(name):
 
 
 def test_limit_and_provenance(tmp_path):
-    class Ctx:
-        def __init__(self):
-            self.inputs = []
-
-        def record_input(self, kind, name, **details):
-            self.inputs.append((kind, name, details))
-
-    ctx = Ctx()
-    rows = load_rows(DataConfig(name="fixture:dolly", format="dolly", limit=5), ctx)
-    assert len(rows) == 5
-    ((kind, name, details),) = ctx.inputs
-    assert kind == "datasets" and name == "fixture:dolly" and details["source"] == "fixture" and details["rows"] == 5
+    from llmrepro.core.context import RunContext
     from llmrepro.core.io import sha256_file
 
-    assert details["sha256"] == sha256_file(fixtures.path("dolly"))
+    ctx = RunContext(dir=tmp_path / "fam" / "exp" / "run")
+    rows = load_rows(DataConfig(name="fixture:dolly", format="dolly", limit=5), ctx)
+    assert rows == fixtures.rows("dolly")[:5]
+    assert ctx.manifest["inputs"] == {"datasets": [{"name": "fixture:dolly", "source": "fixture", "split": "train",
+                                                    "sha256": sha256_file(fixtures.path("dolly")), "rows": 5}]}
 
 
 def _write_jsonl(path, rows):

@@ -10,7 +10,10 @@ def test_dolly_template():
     assert format_prompt("Name a city.", "Paris.") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nName a city.\n\n### Response:\nParis.\n\n### End")
-    assert "\n\n### Input:\nSome context.\n\n### Response:\n" in format_prompt("Q", "A", "Some context.")
+    # dolly's consts.py: INPUT_KEY = "Input:", without the "### " of the other keys
+    assert format_prompt("Q", "A", "Some context.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nQ\n\nInput:\nSome context.\n\n### Response:\nA\n\n### End")
 
 
 def test_alpaca_prompt_with_and_without_input():

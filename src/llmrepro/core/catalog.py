@@ -166,6 +166,9 @@ class Experiment:
                        list(self.spec.reference))
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader: ~7x faster, same result
+
+
 def experiments_dir() -> Path:
     if env := os.environ.get("LLMREPRO_EXPERIMENTS"):
         return Path(env)
@@ -174,7 +177,7 @@ def experiments_dir() -> Path:
 
 def _read(path: Path, name: str) -> Experiment:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_YAML_LOADER)
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -210,3 +213,22 @@ def load(name: str, root: Path | None = None) -> Experiment:
 
 def load_all(root: Path | None = None) -> list[Experiment]:
     return [load(name, root) for name in names(root)]
+
+
+def dependency_order(names: list[str], profile: str | None = "smoke") -> list[str]:
+    """`names` with every experiment after the ones its config (with `profile`) reads; catalog order otherwise."""
+    deps = {n: [r.experiment for r in load(n).resolve(profile).dependencies() if r.experiment in names] for n in names}
+    ordered: list[str] = []
+
+    def visit(name: str, stack: tuple[str, ...] = ()) -> None:
+        if name in ordered:
+            return
+        if name in stack:
+            raise UserError(f"experiments read each other's runs in a circle: {' -> '.join((*stack, name))}")
+        for dep in deps[name]:
+            visit(dep, (*stack, name))
+        ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered

@@ -78,8 +78,12 @@ def adopt_library_loggers() -> None:
     to ours. transformers is imported here (every run uses it, and its handler comes with its first logger)."""
     import transformers.utils.logging as tlog
 
+    from llmrepro.core.progress import enabled
+
     tlog.disable_default_handler()
     tlog.enable_propagation()
+    if not enabled():  # transformers reads the hub's setting once, at its import, which may precede ours
+        tlog.disable_progress_bar()
     for name in LIBRARIES:
         logger = logging.getLogger(name)
         for h in list(logger.handlers):

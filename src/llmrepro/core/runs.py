@@ -7,7 +7,8 @@ incomplete sibling again.
 
 Work happens in `<run-id>.partial/`, renamed to `<run-id>/` only on success, under a run lock
 (`core.lock`) so that no two processes share it. A run that fails or is interrupted stays `.partial` with
-`"status": "failed"|"interrupted"` in its manifest, so it never looks complete. Bad input (a `UserError`)
+`"status": "failed"|"interrupted"|"oom"` in its manifest, so it never looks complete (an out-of-memory
+failure becomes one line, `OutOfMemory`, exit code 3). Bad input (a `UserError`)
 removes what this invocation created: nothing half-written remains.
 """
 
@@ -29,6 +30,18 @@ from llmrepro.core.errors import UserError
 from llmrepro.core.lock import RunLock
 
 log = logging.getLogger("llmrepro")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation failure: torch.OutOfMemoryError (CUDA), the CPU allocator's error, or Python's MemoryError."""
+    return (type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError)
+            or "DefaultCPUAllocator: can't allocate memory" in str(err))
+
+
+class OutOfMemory(UserError):
+    """A run that ran out of memory: its manifest says status oom, its directory is kept (exit code 3)."""
+
+    exit_code = 3
 
 
 def _now() -> str:
@@ -78,12 +91,15 @@ def execute(spec: RunSpec, output_dir: str | Path | None = None, *, run_id: str 
         _discard(partial, created, resuming)
         raise
     except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "oom" if is_out_of_memory(err) else "failed"
         manifest.update(status=status, error=f"{type(err).__name__}: {err}", finished=_now(),
                         duration_s=round(time.perf_counter() - started, 3))
         io.write_json(partial / "manifest.json", manifest)
         log.error("run %s: %s (kept at %s)", status, err, partial)
         lock.release()
+        if status == "oom":
+            raise OutOfMemory(f"out of memory: {str(err).strip().splitlines()[0][:300]} (run kept at {partial}, "
+                              "status oom)") from err
         raise
     finally:
         tracking.finish()
@@ -179,9 +195,16 @@ def _start_manifest(spec: RunSpec, run_id: str, partial: Path, resuming: bool) -
 
 
 def _seed_everything(seed: int) -> None:
-    from transformers import set_seed
+    """Python's, numpy's and torch's generators (all devices), as transformers' set_seed does, without importing
+    transformers' trainer stack (peft, bitsandbytes: seconds per run) just for that."""
+    import random
 
-    set_seed(seed)
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
 
 
 def _discard(partial: Path, created: list[Path], resuming: bool) -> None:

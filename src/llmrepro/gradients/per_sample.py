@@ -11,15 +11,21 @@ only one batch of gradients is ever alive. `flatten(grads)` turns its dict into 
 
 Each sample's loss is the mean over its labelled tokens, which is what `model(...).loss` gives for a batch of
 one, so the gradients equal the source's one-at-a-time ones. Why batching is exact: samples never interact
-(the attention mask keeps padding out, the model runs in eval mode), so d(sum_i loss_i)/d embeds_i is
+(attention stays within a row, the model runs in eval mode), so d(sum_i loss_i)/d embeds_i is
 d loss_i / d embeds_i. Parameter gradients need `torch.func.vmap(grad(...))` instead; the attention mask
 is then passed as a 4-D additive bias built from tensors only, since the models' own mask helpers branch on
 the mask's values, which vmap cannot trace.
 
-Deliberate differences from the source: the model is in eval mode (the source used train mode, so
-dropout made BERT/RoBERTa gradients random); the attention mask is passed (the source padded to
-`max_length` without one, so padding leaked into bidirectional models); a sample without any labelled
-token gets a zero gradient instead of NaN.
+Deliberate differences from the source (extract_gradients.py @ d73147d):
+- the model is in eval mode (the source called `model.train()`: no difference for OLMo-2, which has no
+  dropout; for BERT/RoBERTa the source's gradients were dropout-random);
+- batches, where the source took one sample per backward pass (exact, see above);
+- with `collate`'s default the batch is padded to its longest sample and the padding masked out; the
+  source padded every sample to max_length and passed no mask (`collate(..., length=max_length,
+  attend_padding=True)` does that). Equal for causal LMs (their positions never see the padding on their
+  right, and padding is unlabelled); a bidirectional model sees the padding in the source's way;
+- a sample without any labelled token (a prompt longer than max_length) has loss 0 here and NaN in the
+  source; its gradient is all zeros in both.
 """
 
 from __future__ import annotations

@@ -11,7 +11,11 @@ Implementations (`projector:` in a config), never substituted for one another:
   dimension that is a multiple of 512.
 
 `Projection` is the config section; `Projector(spec, grad_dim, device)` builds the projector after checking
-it can run, and `.project(grads)` maps (B, grad_dim) -> (B, dim) in bounded-size batches of rows.
+it can run, and `.project(grads)` maps (B, grad_dim) -> (B, dim) float32 (both projectors compute in and
+return float32; fast_jl multiplies half-precision inputs with float32 accumulation), moving bounded batches
+of rows to the device. The CUDA kernel regenerates its random factors inside every call, from the seed and
+the GPU's number of multiprocessors (its feature tiles): `describe()` records that count, since another GPU
+model gives another matrix.
 """
 
 from __future__ import annotations
@@ -96,17 +100,21 @@ class Projector:
                "device": self.device.type}  # the matrix comes from this device's RNG: cpu and cuda differ
         if self.spec.projector == ProjectorKind.basic:
             out["block_size"] = self.block_size
+        else:
+            import torch
+
+            props = torch.cuda.get_device_properties(self.device)
+            out.update(gpu=props.name, multiprocessors=props.multi_processor_count)  # fast_jl's feature tiles
         return out
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """(B, grad_dim) -> (B, dim), in the dtype of `grads`."""
+        """(B, grad_dim) -> (B, dim) float32, on the projector's device."""
         if grads.shape[-1] != self.grad_dim:
             raise ValueError(f"gradient dimension {grads.shape[-1]} != projector's {self.grad_dim}")
         import torch
 
-        grads = grads.to(self.device)
-        step = self.rows or len(grads)
-        return torch.cat([self.impl.project(grads[i:i + step].contiguous(), model_id=0)
+        step = self.rows or len(grads)  # cuda: fast_jl computes each row on its own; basic: one call
+        return torch.cat([self.impl.project(grads[i:i + step].to(self.device).contiguous(), model_id=0)
                           for i in range(0, len(grads), step)])
 
 

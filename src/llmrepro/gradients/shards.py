@@ -3,7 +3,8 @@
 Layout, as in the source, under a root (the run directory's `gradients/`):
 
     {root}/{type}_{dim}|full/{model}/{dataset}/{split}/{checkpoint}/
-        {start}_{end}         a torch.save'd (end - start, D) tensor: samples start..end-1, in dataset order
+        {start}_{end}         a torch.save'd (end - start, 1, D) tensor, the source's shape (it stacked one
+                              (1, D) projection per sample): samples start..end-1, in dataset order
         {start}_{end}.done    its completion marker (JSON: rows, shape, dtype, bytes, sha256)
         sums/{start}_{end}    store_mean mode: the (1, D) float32 sum of those samples (+ .done)
         mean                  store_mean mode: the (1, D) mean over the whole dataset (+ mean.done)
@@ -11,7 +12,12 @@ Layout, as in the source, under a root (the run directory's `gradients/`):
 
 A shard is written to a hidden temporary file and renamed into place, then its marker is written: a shard
 without a marker is unfinished and is recomputed. The last shard holds the remainder (the source dropped it).
-Shard k covers samples [k * per_file, min((k + 1) * per_file, n)).
+Shard k covers samples [k * per_file, min((k + 1) * per_file, n)). `read_rows` and `load_all` return (n, D)
+rows (a stored (n, D) tensor, as runs before the (n, 1, D) layout wrote, reads the same).
+
+`read_source(path)` reads gradients the source's extract_gradients.py wrote: one `{start}_{end}` file, or a
+checkpoint directory of them (no markers: every file whose name has that form counts, and together they must
+cover 0..N without gaps).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,9 +84,19 @@ def write(directory: Path, start: int, end: int, tensor: torch.Tensor) -> None:
 
 
 def read(directory: Path, start: int, end: int) -> torch.Tensor:
+    """A shard as stored: (n, 1, D) gradients, or (1, D) for store_mean's sums and mean."""
     import torch
 
     return torch.load(directory / name(start, end), weights_only=True)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(n, 1, D) as stored (or (n, D)) -> (n, D)."""
+    return t.squeeze(1) if t.dim() == 3 and t.shape[1] == 1 else t
+
+
+def read_rows(directory: Path, start: int, end: int) -> torch.Tensor:
+    return as_rows(read(directory, start, end))
 
 
 def missing(directory: Path, wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -92,7 +110,42 @@ def load_all(directory: Path, n: int, per_file: int) -> torch.Tensor:
     if gaps := missing(directory, ranges(n, per_file)):
         raise UserError(f"{directory}: {len(gaps)} of {math.ceil(n / per_file)} shards missing or unfinished "
                         f"(first: {name(*gaps[0])}); finish the extraction (--resume) or merge its shards")
-    return torch.cat([read(directory, *r) for r in ranges(n, per_file)])
+    parts = [read_rows(directory, *r) for r in ranges(n, per_file)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one shard: no copy (a full one is 33 GB)
+
+
+def read_source(path: Path) -> torch.Tensor:
+    """(N, D) gradients from the source's files: one `{start}_{end}` file, or a directory of them."""
+    import torch
+
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        found = sorted((tuple(map(int, f.name.split("_"))), f) for f in path.iterdir()
+                       if f.is_file() and re.fullmatch(r"\d+_\d+", f.name))
+        if not found:
+            raise UserError(f"{path}: no gradient files named {{start}}_{{end}} (as extract_gradients.py writes)")
+        expected = 0
+        for (start, end), f in found:
+            if start != expected:
+                raise UserError(f"{path}: the files do not cover samples {expected}..{start - 1} "
+                                f"(next file: {f.name}); extract that range first")
+            expected = end
+        files = [f for _, f in found]
+    else:
+        raise UserError(f"source gradients not found: {path}")
+    parts = []
+    for f in files:
+        try:
+            t = as_rows(torch.load(f, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            raise UserError(f"{f}: cannot read as torch.save'd gradients: {str(err).splitlines()[0][:160]}") from None
+        start, end = map(int, f.name.split("_")) if re.fullmatch(r"\d+_\d+", f.name) else (0, len(t))
+        if t.dim() != 2 or len(t) != end - start:
+            raise UserError(f"{f}: holds a {tuple(t.shape)} tensor, not the ({end - start}, 1, D) its name says")
+        parts.append(t)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def check_meta(directory: Path, meta: dict) -> None:

@@ -41,17 +41,12 @@ class Variant:
     base_image: str
 
 
+# Both variants start from the same digest-pinned Debian bookworm / Python 3.11 base: the CUDA user space comes
+# from the hash-pinned nvidia-* wheels of cuda.lock, the driver from the host (docker/Dockerfile).
+BASE_IMAGE = "python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b"
 VARIANTS = {
-    "cpu": Variant(
-        "cpu",
-        "requirements/cpu.lock",
-        "python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b",
-    ),
-    "cuda": Variant(
-        "cu130-torch2.13",
-        "requirements/cuda.lock",
-        "nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04@sha256:14d94b039cb94bbd5da559f303b46bc4b0d5d6c24ab1a9d7b186e566ed3400dc",
-    ),
+    "cpu": Variant("cpu", "requirements/cpu.lock", BASE_IMAGE),
+    "cuda": Variant("cu130-torch2.13", "requirements/cuda.lock", BASE_IMAGE),
 }
 
 
@@ -158,12 +153,13 @@ def prepare_build(engine: str, variant_name: str, *, base_image: str | None = No
                   wheels: str | None = None) -> tuple[list[str], list[str]]:
     """(build argv, notes saying which base image, CA and wheel folder were picked and why).
 
-    Unless given, the CA file and wheel folder are the host pip's own (`cert`, `find-links`), and a
-    CPU build uses LOCAL_BASE when the engine has it (a machine that cannot reach Docker Hub).
+    Unless given, the CA file and wheel folder are the host pip's own (`cert`, `find-links`), and
+    either variant uses LOCAL_BASE when the engine has it (a machine that cannot reach Docker Hub).
     """
     notes = []
+    variant(variant_name)
     base = base_image or os.environ.get("LLMREPRO_BASE_IMAGE")
-    if not base and variant_name == "cpu" and _succeeds([engine, "image", "inspect", LOCAL_BASE]):
+    if not base and _succeeds([engine, "image", "inspect", LOCAL_BASE]):
         base = LOCAL_BASE
         notes.append(f"base image {LOCAL_BASE} (made by scripts/setup-podman.sh)")
     ca_file = ca_file or pip_setting("cert")

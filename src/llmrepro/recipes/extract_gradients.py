@@ -1,12 +1,17 @@
 """extract-gradients: per-sample loss gradients, optionally randomly projected, stored in shards.
 
-Reproduces `extract_gradients.py` of the 'Gradient dimensionality reduction for instance-based explainability'
-project: for every sample, the gradient of its loss with respect to the input embeddings (T x d, padded to
-`max_length` and flattened), projected with traker (`normal` | `rademacher`, seed 42, default 16384 dims) or
-kept in full, stored `gradients_per_file` to a file under
-`gradients/{type}_{dim}|full/{model}/{dataset}/{split}/{checkpoint}/{start}_{end}`, or only their mean
-(`mode: store_mean`). Paradigms `pre`, `mlm` and `sft` as in `llmrepro.gradients`; the model is read at a
-checkpoint index into its revisions (for hub models the branches, ordered by training stage and step).
+Reproduces `extract_gradients.py` (with `olmo_training_utils.py` and `util.py`) of the 'Gradient dimensionality
+reduction for instance-based explainability' project @ d73147d: for every sample, the gradient of its loss
+with respect to the input embeddings (T x d, padded to `max_length` and flattened), projected with traker
+(`normal` | `rademacher`, seed 42, model_id 0, default 16384 dims) or kept in full, stored
+`gradients_per_file` to a file under `gradients/{type}_{dim}|full/{model}/{dataset}/{split}/{checkpoint}/
+{start}_{end}` as an (n, 1, D) tensor (full gradients in `grad_dtype`, projections float32 as fast_jl returns
+them), or only their mean (`mode: store_mean`). Chat rows get the source's template (`template: source`,
+`llmrepro.lm.templates.GDR_OLMO_TEMPLATE`: every non-user role renders as `<|assistant|>`, no BOS/EOS, and
+the `<|assistant|>` prefix is labelled) or the model's own (`template: model`). Paradigms `pre`, `mlm`
+(the source's deterministic masking, drawn on the row padded to max_length, epoch = checkpoint index) and
+`sft`, as in `llmrepro.gradients.encoding`. The model is read at a checkpoint index into its revisions (for
+hub models the source's list: the stage1 branches by step, the stage2 ones by ingredient and step, `main`).
 
 Added: `target: parameters | lora` (per-sample parameter gradients via vmap); `shard_start`/`shard_end`
 to split one extraction across a cluster array, and `merge: true` to gather the shards of this
@@ -15,11 +20,30 @@ experiment's other runs into one run that equals a single-process extraction:
     llmrepro run gradients/X shard_start=0 shard_end=1   # ... one task per shard range
     llmrepro run gradients/X merge=true                  # checks that every shard is there
 
-Deliberate differences from the source, all bug fixes or speed: samples are processed in batches (one
-backward per batch; exact, see `llmrepro.gradients`); the projection matrix is built once, not per sample;
-shards are written atomically with a completion marker and `--resume` skips finished ones; the last,
-shorter shard is kept (the source's range ran past the dataset, so an exception dropped it silently);
-the model runs in eval mode with the attention mask; the mean is accumulated in float32.
+Deliberate differences from the source (bug fixes or speed):
+- batches of `batch_size` samples, one backward pass each (exact: samples never interact; the source ran one
+  sample per pass);
+- `padding: longest` (default) pads a batch to its longest sample and masks the padding out; the source padded
+  every sample to max_length and gave the model no attention mask (`padding: max_length` does that). For a
+  causal LM the two agree in exact arithmetic (no position sees the padding to its right, padding is
+  unlabelled), and the input gradient is zero-padded to max_length either way; a bidirectional (mlm) model
+  attends to the padding the source's way;
+- the model runs in eval mode (the source called `model.train()`: the same for OLMo-2, which has no dropout;
+  dropout-random for BERT/RoBERTa);
+- every model is loaded with its weights; the source built Llama and RoBERTa from their config only
+  (randomly initialised);
+- the projector gets up to `max_batch_size` rows per call, the source one (fast_jl computes every row on its
+  own: the same values); `projector: basic` (traker's BasicProjector, another matrix) runs without a GPU;
+- shards are written atomically with a completion marker, and `--resume` skips finished ones; an error stops
+  the run (the source's bare `except` skipped the chunk, out-of-memory included); the last, shorter shard is
+  kept (the source's range ran past the dataset, which dropped that chunk: 100 test rows at 1000 per file gave
+  no file);
+- `store_mean` accumulates in float32 and projects when `projection` is set (the source summed in float16
+  and never projected in store_mean, though it named the folder `{type}_{dim}`);
+- the `pre` paradigm reads chat rows through the chat template (the source read only `text` columns, or a
+  prompt/completion pair); alpaca-style data keeps the configured paradigm and max_length (the source forced
+  `pre` and 4096 tokens);
+- a zero-label sample (prompt longer than max_length) has loss 0, not NaN; its gradient is all zeros in both.
 """
 
 from __future__ import annotations
@@ -49,6 +73,8 @@ class Config(RecipeConfig):
     data: DataConfig
     paradigm: encoding.Paradigm = "sft"
     target: encoding.Target = "inputs_embeds"
+    template: encoding.Template = "source"  # chat rows: the source's OLMo template, or the model's own
+    padding: encoding.Padding = "longest"  # max_length: every sample padded to max_length, no mask (the source)
     checkpoint: int | str = 0  # index into the model's revisions, or a revision name
     revisions: list[str] | None = None  # the revisions an index refers to (default: the hub's branches)
     projection: Projection | None = None  # none: store full gradients
@@ -56,7 +82,7 @@ class Config(RecipeConfig):
     gradients_per_file: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(4096, ge=2)  # tokens; inputs_embeds gradients are zero-padded to this length
-    grad_dtype: Literal["float16", "float32"] = "float16"  # the source stored half precision
+    grad_dtype: Literal["float16", "float32"] = "float16"  # the source stored (and projected) half precision
     vmap_chunk_size: int | None = Field(None, ge=1)  # parameter targets: samples differentiated at once
     device: str | None = None  # default: cuda when available, else cpu
     shard_start: int = Field(0, ge=0)  # first shard (of gradients_per_file samples) this run computes
@@ -87,8 +113,15 @@ def _stage_key(branch: str) -> tuple:
     return nums.get("stage", 0), nums.get("ingredient", 0), nums.get("step", 0), branch
 
 
+def order_revisions(branches: list[str]) -> list[str]:
+    """The source's checkpoint list (util.get_checkpoints_olmo): the `stage1` branches by step, the `stage2`
+    ones by (ingredient, step), then `main`; other branches are not checkpoints."""
+    staged = [b for b in branches if b != "main" and ("stage1" in b or "stage2" in b)]
+    return sorted(staged, key=_stage_key) + ["main"]
+
+
 def hub_revisions(name: str) -> list[str]:
-    """The hub branches of `name` ordered by training progress, `main` last (the source's order)."""
+    """The hub branches of `name` in the source's checkpoint order."""
     from huggingface_hub import list_repo_refs
 
     try:
@@ -97,7 +130,7 @@ def hub_revisions(name: str) -> list[str]:
         raise UserError(f"checkpoint index for '{name}' needs the hub's list of revisions, which failed "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
                         "give checkpoint as a revision name instead") from None
-    return sorted((b for b in branches if b != "main"), key=_stage_key) + ["main"]
+    return order_revisions(branches)
 
 
 def resolve_checkpoint(cfg: Config) -> str:
@@ -116,6 +149,11 @@ def resolve_checkpoint(cfg: Config) -> str:
 
 
 # ------------------------------------------------------------------------------------------ extraction
+#
+# rows --encode--> examples --collate--> batch --batch_grads--> (B, grad_dim) --projector--> (B, dim) --> shard
+#
+# A projection that works on factors instead of flat gradients (e.g. LoGra's per-layer projections for the
+# parameter/LoRA targets) replaces the flat `batch_grads` + `projector.project` pair inside `extract_range`.
 
 def grad_dim(model, cfg: Config) -> int:
     from llmrepro.gradients import per_sample
@@ -123,6 +161,11 @@ def grad_dim(model, cfg: Config) -> int:
     if cfg.target == "inputs_embeds":
         return cfg.max_length * model.get_input_embeddings().embedding_dim
     return sum(p.numel() for p in per_sample.select_params(model, cfg.target).values())
+
+
+def collate(examples: list[dict], pad_id: int, cfg: Config) -> dict:
+    source = cfg.padding == "max_length"
+    return encoding.collate(examples, pad_id, length=cfg.max_length if source else None, attend_padding=source)
 
 
 def batch_grads(model, batch: dict, cfg: Config):
@@ -134,27 +177,34 @@ def batch_grads(model, batch: dict, cfg: Config):
     if cfg.target == "inputs_embeds":
         g = per_sample.input_grads(model, batch, cfg.paradigm)  # (B, T, d)
         g = torch.nn.functional.pad(g, (0, 0, 0, cfg.max_length - g.shape[1]))  # (B, max_length, d)
-        return g.flatten(start_dim=1)
+        return g.flatten(start_dim=1)  # position-major, as the source flattened its (T, d) gradient
     return per_sample.flatten(per_sample.per_sample_grads(model, batch, cfg.paradigm, cfg.target, cfg.vmap_chunk_size))
 
 
 def extract_range(model, examples: list[dict], pad_id: int, cfg: Config, projector):
-    """Gradients (projected if configured) of `examples`, in order: (len(examples), D)."""
+    """Gradients of `examples`, in order: (n, grad_dim) in grad_dtype, or projected (n, dim) float32."""
     import torch
 
     dtype = getattr(torch, cfg.grad_dtype)
     rows = []
     for i in range(0, len(examples), cfg.batch_size):
-        g = batch_grads(model, encoding.collate(examples[i:i + cfg.batch_size], pad_id), cfg).detach().to(dtype)
-        rows.append((projector.project(g) if projector else g).cpu())
+        g = batch_grads(model, collate(examples[i:i + cfg.batch_size], pad_id, cfg), cfg).detach().to(dtype)
+        rows.append((projector.project(g) if projector else g).cpu())  # the source projected the half gradient
     return torch.cat(rows)
 
 
 def write_mean(out: Path, n: int, per_file: int):
-    """Sum the per-shard sums (in shard order) into `mean`."""
+    """Sum the per-shard sums (in shard order) into `mean`, (1, D)."""
     mean = shards.load_all(out / "sums", n, per_file).sum(dim=0, keepdim=True) / n
     shards.save(out / "mean", mean)
     return mean
+
+
+def stored_norm_mean(directory: Path, wanted: list[tuple[int, int]]) -> float:
+    import torch
+
+    norms = [shards.read_rows(directory, *r).float().norm(dim=1) for r in wanted]
+    return torch.cat(norms).mean().item() if norms else 0.0
 
 
 def run(cfg: Config, ctx) -> dict:
@@ -169,6 +219,8 @@ def run(cfg: Config, ctx) -> dict:
     revision = resolve_checkpoint(cfg)
     model_cfg = cfg.model.model_copy(update={"revision": revision if locate(cfg.model)[1]["source"] == "hub" else None})
     tokenizer = load_tokenizer(model_cfg)
+    if cfg.data.format == "chat":
+        encoding.use_template(tokenizer, cfg.template)
     rows = data.load_rows(cfg.data, ctx)
     model = load_model(model_cfg, task="masked-lm" if cfg.paradigm == "mlm" else "causal-lm", ctx=ctx)
     if not cfg.model.device_map:
@@ -181,8 +233,10 @@ def run(cfg: Config, ctx) -> dict:
     projector = Projector(cfg.projection, dim, device) if cfg.projection else None
     shards.check_meta(out, {
         "samples": len(rows), "gradients_per_file": cfg.gradients_per_file, "mode": cfg.mode, "target": cfg.target,
-        "paradigm": cfg.paradigm, "revision": revision, "grad_dim": dim, "grad_dtype": cfg.grad_dtype,
-        "max_length": cfg.max_length, "projection": projector.describe() if projector else None})
+        "paradigm": cfg.paradigm, "template": cfg.template if cfg.data.format == "chat" else None,
+        "padding": cfg.padding, "revision": revision, "grad_dim": dim, "grad_dtype": cfg.grad_dtype,
+        "max_length": cfg.max_length, "layout": "(n, 1, D)",
+        "projection": projector.describe() if projector else None})
 
     all_ranges = shards.ranges(len(rows), cfg.gradients_per_file)
     todo = all_ranges[cfg.shard_start:cfg.shard_end]
@@ -191,18 +245,20 @@ def run(cfg: Config, ctx) -> dict:
                         cfg.shard_start, cfg.shard_end, len(all_ranges))
     target_dir = out / "sums" if cfg.mode == "store_mean" else out
     epoch = cfg.checkpoint if isinstance(cfg.checkpoint, int) else 0  # the source's MLM masking epoch
+    keep_padding = cfg.padding == "max_length"
     memory.reset_peak()
     started, computed, skipped = time.perf_counter(), 0, 0
     for start, end in ctx.progress(todo, desc="shards", total=len(todo)):
         if shards.is_done(target_dir, start, end):
             skipped += 1
             continue
-        examples = [encoding.encode(rows[i], cfg.data.format, tokenizer, cfg.paradigm, cfg.max_length, epoch)
-                    for i in range(start, end)]
-        g = extract_range(model, examples, tokenizer.pad_token_id, cfg, projector)
+        examples = [encoding.encode(rows[i], cfg.data.format, tokenizer, cfg.paradigm, cfg.max_length, epoch,
+                                    keep_padding=keep_padding) for i in range(start, end)]
+        g = extract_range(model, examples, tokenizer.pad_token_id, cfg, projector)  # (n, D)
         if cfg.mode == "store_mean":
-            g = g.float().sum(dim=0, keepdim=True)
-        shards.write(target_dir, start, end, g)
+            shards.write(target_dir, start, end, g.float().sum(dim=0, keepdim=True))  # (1, D)
+        else:
+            shards.write(target_dir, start, end, g.unsqueeze(1))  # (n, 1, D), the source's layout
         computed += end - start
         ctx.log.info("shard %s: %d samples", shards.name(start, end), end - start)
     elapsed = time.perf_counter() - started
@@ -213,8 +269,7 @@ def run(cfg: Config, ctx) -> dict:
     if cfg.mode == "store_mean" and len(todo) == len(all_ranges):
         metrics["mean_norm"] = write_mean(out, len(rows), cfg.gradients_per_file).float().norm().item()
     elif cfg.mode == "store":
-        norms = [shards.read(out, *r).float().norm(dim=1) for r in todo]
-        metrics["grad_norm_mean"] = torch.cat(norms).mean().item() if norms else 0.0
+        metrics["grad_norm_mean"] = stored_norm_mean(out, todo)
     metrics.update(extract_time_s=elapsed, samples_per_s=computed / elapsed if computed else 0.0,
                    peak_memory_mb=memory.peak_mb())
     ctx.log_metrics(metrics)
@@ -235,8 +290,6 @@ def _shared_params(run_dir: Path) -> dict | None:
 
 def merge_runs(cfg: Config, ctx) -> dict:
     """Gather the shards of this experiment's runs with the same settings (any shard range) into ctx.dir."""
-    import torch
-
     mine = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SHARD_KEYS}
     runs = sorted(d for d in ctx.dir.parent.iterdir() if d != ctx.dir and _shared_params(d) == mine)
     found = [(d, m.parent) for d in runs for m in (d / "gradients").glob("**/extraction.json")]
@@ -258,5 +311,5 @@ def merge_runs(cfg: Config, ctx) -> dict:
     if meta["mode"] == "store_mean":
         metrics["mean_norm"] = write_mean(out, meta["samples"], meta["gradients_per_file"]).float().norm().item()
     else:
-        metrics["grad_norm_mean"] = torch.cat([shards.read(out, *r).float().norm(dim=1) for r in wanted]).mean().item()
+        metrics["grad_norm_mean"] = stored_norm_mean(out, wanted)
     return metrics

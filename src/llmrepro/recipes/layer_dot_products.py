@@ -1,14 +1,23 @@
-"""layer-dot-products: per parameter tensor, the dot products p.o, p.p and o.o of paraphrased samples and
-their BM25 candidate originals, from which layer-analysis derives per-layer and full cosines.
+"""layer-dot-products: per parameter tensor, the dot products p.o, p.p and o.o of variants and their BM25
+candidate originals, from which layer-analysis derives per-layer and full cosines.
 
-Reproduces the gradient-similarity project's `dot_products_*` scripts (same loss, model mode, candidates
-as gradient-similarity). Output `dot_products.json`: the source's three dicts under `dot_products`
-(`{p: {o: {tensor: p.o}}}`), `paraphrased_dot_products` and `original_dot_products` (`{id: {tensor: x.x}}`),
-plus `tensors` (parameter counts) and `candidates` (BM25 order). Partition outputs merge with
-`llmrepro.gradients.similarity.merge`, or are read together by layer-analysis.
+Reproduces the gradient-similarity project's dot-product computation (lukas-hinterleitner/master-thesis @
+e6ebdbe, `src/computation.py` `__calculate_layerwise_dot_products`): same originals, variants, candidates,
+tokenisation and loss as gradient-similarity. Output `dot_products.json`: the source's three dicts under
+`dot_products` (`{p: {o: {tensor: p.o}}}`), `paraphrased_dot_products` (`{p: {tensor: p.p}}`) and
+`original_dot_products` (`{o: {tensor: o.o}}`), plus `tensors` (parameter counts) and `candidates` (BM25
+order). Partition outputs merge with `llmrepro.gradients.similarity.merge`, or are read together by
+layer-analysis. Metrics as gradient-similarity's (accuracy of the full cosine and of BM25).
 
-Deliberate difference: streamed (see `llmrepro.gradients.dot_products`) instead of recomputing every candidate's
-gradient one sample at a time.
+Deliberate differences from the source:
+- streamed (see `llmrepro.gradients.dot_products`) instead of recomputing every candidate's gradient one
+  sample at a time; dot products are float32 matrix products accumulated per tensor and stored as float64
+  (the source: `.item()` of a float32 GPU dot per tensor and pair);
+- `original_dot_products` holds each original's first computed value, in original order (the source kept
+  the first one per job and, merging 20 partition files, the last file's in glob order); the pairs keep the
+  o.o computed next to them;
+- eager attention (vmap), the tulu template forced, BM25 tie order: as gradient-similarity (the published
+  paraphrased dot products, d2bb4d7, set the template only when the tokenizer had none).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ def run(cfg: Config, ctx) -> dict:
     pairs = pairs_.load_pairs(cfg, ctx)
     memory.reset_peak()
     started = time.perf_counter()
-    dots = pairs_.compute_dot_products(cfg, pairs, ctx)
+    dots, _ = pairs_.compute_dot_products(cfg, pairs, ctx)
     seconds = time.perf_counter() - started
     io.write_json(ctx.dir / "dot_products.json", similarity.dots_json(dots, pairs.p_ids, pairs.o_ids))
 

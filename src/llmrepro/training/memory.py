@@ -41,6 +41,17 @@ def peak_mb() -> float:
     return rss / MB if sys.platform == "darwin" else rss / 1024
 
 
+def lifetime_peaks_gib() -> dict[str, float | None]:
+    """The process-lifetime CUDA peaks the memory-efficiency source printed in its timeline titles
+    (`torch.cuda.max_memory_allocated` and `max_memory_reserved`, GiB, never reset); None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"max_memory_allocated_gib": None, "max_memory_reserved_gib": None}
+    return {"max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
 def current_mb() -> float:
     """Memory in use now: CUDA allocated bytes on a GPU, resident set size on CPU."""
     import torch
@@ -69,9 +80,10 @@ def reset_peak() -> None:
         clear_refs.write_text("5")  # 5 = reset the peak RSS (Linux >= 4.0)
 
 
-def in_fresh_process(target: str, params: dict) -> dict:
-    """`target(params)` ("module:function", returning a JSON-able dict) run in a new Python process."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+def in_fresh_process(target: str, params: dict, env: dict | None = None) -> dict:
+    """`target(params)` ("module:function", returning a JSON-able dict) run in a new Python process, with
+    `env` added to its environment (e.g. CUDA_LAUNCH_BLOCKING=1, read when CUDA starts)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **(env or {})}
     with tempfile.TemporaryDirectory(prefix="llmrepro-measure-") as tmp:
         args_path, result_path = Path(tmp, "params.json"), Path(tmp, "result.json")
         args_path.write_text(json.dumps(params))
@@ -95,6 +107,29 @@ def profiler():
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     return torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=True)
+
+
+def start_allocator_history() -> bool:
+    """Record the CUDA allocator's history from here on (after emptying its cache), as the memory-efficiency
+    source's MemoryHistoryCallback did; False (nothing recorded) without CUDA: the history is CUDA-only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.empty_cache()
+    torch.cuda.memory._record_memory_history(enabled="all")
+    return True
+
+
+def dump_allocator_history(path: Path) -> None:
+    """Pickle the allocator snapshot (open it at https://pytorch.org/memory_viz) and stop recording."""
+    import pickle
+
+    import torch
+
+    with open(path, "wb") as f:
+        pickle.dump(torch.cuda.memory._snapshot(), f)
+    torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def timeline(prof) -> tuple[list[float], dict[str, list[float]]]:
