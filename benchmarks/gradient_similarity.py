@@ -14,6 +14,14 @@ ways on the same model and data, each in a fresh process (time, and peak RSS fro
 - ours: the recipe's own code (`llmrepro.gradients.pairs.compute_dot_products`): chunks of `--chunk-size` variants
   grouped by shared candidates, per-sample gradients by `torch.func.vmap` in batches of `--batch-size` (eager
   attention), per-tensor dot products as matrix products; it also runs at samples/4 for the memory growth.
+- ghost: the recipe's code with `method: ghost`: per-sample factors (each linear layer's inputs and output
+  gradients) captured in one batched forward + backward per batch of `--batch-size` (`gradients.capture`, the
+  default attention), the dot products of linear layers where 2 T^2 <= d_in * d_out (T: the longest sample)
+  taken from the factors without building the gradients (`gradients.ghost`), the other tensors (embedding,
+  norms, ...) materialized from them; it also runs at samples/4. `ghost_rel_error`: the largest, over tensors,
+  relative L2 difference ||D_ghost - D_ours|| / ||D_ours|| of its per-tensor dot products (all pairs, p.p, o.o)
+  from those of `ours`.
+- hooks: the same capture with every tensor materialized (`method: hooks`), to separate the two effects.
 - floor: the physical floor, one batched forward + backward over the unique samples (each variant and each
   distinct candidate once, batches of `--batch-size`, the default attention), of the sum of the per-sample mean
   token losses: the same per-sample losses whose gradients the dot products are of; any method pays at least
@@ -30,8 +38,13 @@ Timing: on the CPU each worker runs torch on one thread and the ratios use the p
 system), which other load on a shared machine does not inflate the way it does wall time (both are printed);
 on a GPU, wall time after `torch.cuda.synchronize()`.
 
-Last line: RESULT speedup_vs_source=<x> overhead_vs_floor=<x> memory_growth_4x=<x>
-(`ghost_rel_error`, ghost dot products against materialized ones, is added by the ghost-dot-products work.)
+Last line: RESULT speedup_vs_source=<x> overhead_vs_floor=<x> memory_growth_4x=<x> ghost_rel_error=<x> method=<m>,
+the first three of the faster of the recipe's vmap and ghost methods here (`method`; every variant's figures are in
+the table above it). Ghost dot products are computed only for the pairs that are read (each costs
+T_p T_o (d_in + d_out), against T d_in d_out per sample to build a gradient and d_in d_out per pair to take its dot
+product): the rule 2 T^2 <= d_in d_out (the issue's) bounds their memory; how much time they save depends on T and on
+how many candidates a sample meets. No method can beat the floor: on a slice of n variants of the published
+candidate graph, where few candidates are shared, speedup_vs_source is bounded by about source/floor.
 """
 
 from __future__ import annotations
@@ -129,8 +142,10 @@ def worker(mode: str, args) -> dict:
     pairs.force_template(tok, "tulu")
     enc = {k: [encoding.encode(r, "chat", tok, "sft", 10**9) for r in rs] for k, rs in (("p", variants), ("o", originals))}
     out: dict = {"where": where, "pairs": sum(map(len, cands)), "unique": len(variants) + len({o for c in cands for o in c})}
-    if mode == "ours":
-        cfg = pairs.PairsConfig(model=model_config("eager"), data={"name": "fixture:lima", "format": "chat"},
+    if mode in ("ours", "ghost", "hooks"):
+        method = {"ours": "vmap", "ghost": "ghost", "hooks": "hooks"}[mode]
+        cfg = pairs.PairsConfig(model=model_config("eager" if mode == "ours" else None),
+                                data={"name": "fixture:lima", "format": "chat"}, method=method,
                                 chunk_size=args.chunk_size, batch_size=args.batch_size)
         with tempfile.TemporaryDirectory() as tmp:
             ctx = RunContext(dir=Path(tmp) / "bench" / "similarity" / "run")
@@ -140,6 +155,10 @@ def worker(mode: str, args) -> dict:
                 dots, _ = pairs.compute_dot_products(cfg, loaded, ctx, loaded=model)
         names = list(dots.tensors)
         out["sample"] = {f"{p},{o}": dots.pairs[(p, o)][0].tolist() for p, o in sorted(dots.pairs)[:10]}
+        _, po, pp, oo = dots.matrices()
+        out["all"] = [po.tolist(), pp.tolist(), oo.tolist()]
+        out["ghost_tensors"] = sum(m == "ghost" for m in dots.methods.values())
+        out["max_tokens"] = dots.max_tokens
         out["gradients"] = sum(len(ps) + len(os) for ps, os in plan_chunks(cands, args.chunk_size))
     else:
         model = load_model(model_config(None)).eval().to(default_device())
@@ -217,32 +236,48 @@ def main() -> None:
     n = args.samples
     floor, ours, small, source = (measure("floor", args, n), measure("ours", args, n), measure("ours", args, max(1, n // 4)),
                                   measure("source", args, n))
+    ghost, ghost_small, hooks = measure("ghost", args, n), measure("ghost", args, max(1, n // 4)), measure("hooks", args, n)
     for key in source["sample"]:
         np.testing.assert_allclose(ours["sample"][key], source["sample"][key], rtol=1e-4, atol=1e-7)
+    rel = max(float(np.linalg.norm(np.subtract(g, m)[:, t]) / max(np.linalg.norm(np.asarray(m)[:, t]), 1e-30))
+              for g, m in zip(ghost["all"], ours["all"], strict=True) for t in range(np.shape(m)[1]))
+    rel_hooks = max(float(np.linalg.norm(np.subtract(g, m)[:, t]) / max(np.linalg.norm(np.asarray(m)[:, t]), 1e-30))
+                    for g, m in zip(hooks["all"], ours["all"], strict=True) for t in range(np.shape(m)[1]))
     print(f"model: tiny-llama {TINY}, {floor['params'] / 1e6:.1f}M parameters, {floor['tensors']} tensors; {n} variants "
           f"x 5 candidates ({source['pairs']} pairs, {source['unique']} unique samples); candidates: {source['where']}")
     print(f"{'variant':<40}{'samples':>8}{'gradients':>10}{'CPU s':>8}{'wall s':>8}{'variants/s':>11}{'peak RSS MB':>12}")
     rows = [("source (1 + 5 backward per variant)", source, n), ("ours (streamed, vmap)", small, max(1, n // 4)),
-            ("ours (streamed, vmap)", ours, n), ("floor (unique samples, batched)", floor, n)]
+            ("ours (streamed, vmap)", ours, n), ("hooks (captured, materialized)", hooks, n),
+            ("ghost (captured, ghost dots)", ghost_small, max(1, n // 4)), ("ghost (captured, ghost dots)", ghost, n),
+            ("floor (unique samples, batched)", floor, n)]
     for name, r, m in rows:
         print(f"{name:<40}{m:>8}{r['gradients']:>10}{r['cpu_s']:>8.2f}{r['wall_s']:>8.2f}{m / r['seconds']:>11.2f}"
               f"{r['rss_mb']:>12.0f}")
     print(f"dot products of source and ours agree (rtol 1e-4) on {len(source['sample'])} pairs")
+    print(f"ghost: {ghost['ghost_tensors']} of {ghost['tensors']} tensors as ghost dot products (T = {ghost['max_tokens']} "
+          f"tokens); largest per-tensor relative difference from ours: ghost {rel:.2e}, hooks {rel_hooks:.2e}")
     if args.published and Path(args.published).is_file():  # the whole run's candidate graph, at the measured costs
         from llmrepro.gradients.dot_products import plan_chunks
 
         sims = json.loads(Path(args.published).read_text())
         index = {o: i for i, o in enumerate(sorted({o for c in sims.values() for o in c}))}
         whole = [[index[o] for o in c] for c in sims.values()]
-        counts = {"source": 6 * len(whole), "ours": sum(len(ps) + len(os) for ps, os in plan_chunks(whole, args.chunk_size)),
-                  "floor": len(whole) + len(index)}
-        cost = {k: r["seconds"] / r["gradients"] for k, r in (("source", source), ("ours", ours), ("floor", floor))}
+        ours_n = sum(len(ps) + len(os) for ps, os in plan_chunks(whole, args.chunk_size))
+        counts = {"source": 6 * len(whole), "ours": ours_n, "ghost": ours_n, "floor": len(whole) + len(index)}
+        cost = {k: r["seconds"] / r["gradients"] for k, r in (("source", source), ("ours", ours), ("ghost", ghost),
+                                                               ("floor", floor))}
         est = {k: counts[k] * cost[k] for k in counts}
         print(f"estimate for all {len(whole)} variants (gradients source/ours/floor {counts['source']}/{counts['ours']}/"
               f"{counts['floor']}, at the measured seconds per gradient): speedup_vs_source~{est['source'] / est['ours']:.2f} "
-              f"overhead_vs_floor~{est['ours'] / est['floor']:.2f}")
-    print(f"RESULT speedup_vs_source={source['seconds'] / ours['seconds']:.2f} "
-          f"overhead_vs_floor={ours['seconds'] / floor['seconds']:.2f} memory_growth_4x={ours['rss_mb'] / small['rss_mb']:.2f}")
+              f"overhead_vs_floor~{est['ours'] / est['floor']:.2f} (vmap), ~{est['source'] / est['ghost']:.2f} and "
+              f"~{est['ghost'] / est['floor']:.2f} (ghost)")
+    print(f"vmap: speedup_vs_source={source['seconds'] / ours['seconds']:.2f} overhead_vs_floor="
+          f"{ours['seconds'] / floor['seconds']:.2f} memory_growth_4x={ours['rss_mb'] / small['rss_mb']:.2f}; hooks: "
+          f"speedup_vs_source={source['seconds'] / hooks['seconds']:.2f} overhead_vs_floor={hooks['seconds'] / floor['seconds']:.2f}")
+    best, r, r_small = min((("vmap", ours, small), ("ghost", ghost, ghost_small)), key=lambda m: m[1]["seconds"])
+    print(f"RESULT speedup_vs_source={source['seconds'] / r['seconds']:.2f} "
+          f"overhead_vs_floor={r['seconds'] / floor['seconds']:.2f} "
+          f"memory_growth_4x={r['rss_mb'] / r_small['rss_mb']:.2f} ghost_rel_error={rel:.2e} method={best}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ step, over a grid of 16 configurations, and the planner's own time.
   steps on samples of length-1 tokens (padded to a multiple of 8: every batch is padded, as real batches are).
   The peak is allocator-level: on CPU the running sum of the torch profiler's allocation events from before the
   model is built (tensor bytes, not RSS); on a GPU torch.cuda.max_memory_allocated;
+- plus 2 rows of DeepSpeed ZeRO-2 (the shipped zero2.json) over two CPU processes under torchrun (gloo), full
+  fine-tuning at the larger batch and length, checkpointing off / on: measured as the larger rank's peak,
+  predicted with the planner's ZeRO accounting for 2 devices (`--no-zero` skips them);
 - predicted: `training.planning.api.plan_params` on the same instruct-sft parameters, device CPU (no reserve);
 - plan_seconds: the slowest configuration's planning time from a cold cache (fresh cache directory, in-process
   caches cleared), plus the Pythia-12B (ZeRO-3, 8 GPUs) plan, timed the same way, in its own line.
@@ -54,9 +57,13 @@ def measure(c: dict) -> int:
 
     from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
     from llmrepro.lm.templates import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL
-    from llmrepro.recipes.instruct_sft import CompletionOnlyCollator, dolly_trainer
+    from llmrepro.recipes.instruct_sft import DEEPSPEED_CONFIGS, CompletionOnlyCollator, dolly_trainer
     from llmrepro.training.planning import allocator
 
+    if c.get("zero2"):  # DeepSpeed on CPU: gloo collectives, no JIT-compiled shared-memory op
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     p = params_for(c)
     cfg = ModelConfig(**p["model"])
     tokenizer = load_tokenizer(cfg)
@@ -77,12 +84,17 @@ def measure(c: dict) -> int:
                                  learning_rate=1e-4, warmup_steps=1, logging_steps=1, eval_strategy="no",
                                  save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
                                  dataloader_num_workers=0, dataloader_pin_memory=False, bf16=False,
-                                 use_cpu=not torch.cuda.is_available(), average_tokens_across_devices=False)
+                                 use_cpu=not torch.cuda.is_available(), average_tokens_across_devices=False,
+                                 deepspeed=str(DEEPSPEED_CONFIGS / "zero2.json") if c.get("zero2") else None)
         trainer = dolly_trainer(1, True)(model=model, args=args, train_dataset=train,
                                          data_collator=CompletionOnlyCollator(tokenizer, key, 8))
         trainer.train()
+        assert bool(c.get("zero2")) == (trainer.accelerator.distributed_type == "DEEPSPEED")
 
     peak, _ = allocator.peak_allocated(steps)
+    if c.get("zero2"):
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return peak
 
 
@@ -98,14 +110,35 @@ def _cold() -> None:
 
 
 def predict(c: dict) -> tuple[int, float]:
-    """(predicted peak bytes, seconds to plan from a cold cache)."""
+    """(predicted peak bytes per process, seconds to plan from a cold cache)."""
     from llmrepro.core.catalog import Resources
-    from llmrepro.training.planning import api
+    from llmrepro.training.planning import api, estimate, workloads
 
     _cold()
     start = time.perf_counter()
-    plan = api.plan_params("benchmark", "instruct-sft", params_for(c), None, Resources(), gpus=0, search=False)
-    return plan.estimate.breakdown.total, time.perf_counter() - start
+    params = params_for(c)
+    if not c.get("zero2"):
+        plan = api.plan_params("benchmark", "instruct-sft", params, None, Resources(), gpus=0, search=False)
+        return plan.estimate.breakdown.total, time.perf_counter() - start
+    # two CPU processes under ZeRO-2 (plan's devices are GPUs; on CPU it plans one process)
+    params["train"]["deepspeed"] = "zero2"
+    config, _ = api.model_config(params["model"])
+    w = workloads.workload("instruct-sft", params, api.max_length_of(config))
+    e = estimate.estimate(w, api._config_json(config), config["hidden_size"], 2, "cpu")
+    return e.breakdown.total, time.perf_counter() - start
+
+
+def measure_in_fresh_processes(c: dict) -> int:
+    """The measured peak: one fresh process, or (ZeRO-2) the larger of two torchrun ranks'."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if c.get("zero2") else "2"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if c.get("zero2") else \
+        [sys.executable]
+    done = subprocess.run([*launcher, __file__, "--measure", json.dumps(c)], cwd=ROOT, capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    peaks = [json.loads(line)["peak"] for line in done.stdout.splitlines() if line.startswith('{"peak"')]
+    return max(peaks)
 
 
 def plan_12b_seconds() -> float:
@@ -123,10 +156,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batches", type=int, nargs=2, default=[2, 4])
     parser.add_argument("--lengths", type=int, nargs=2, default=[128, 256])
+    parser.add_argument("--no-zero", action="store_true", help="skip the two ZeRO-2 rows (torchrun, 2 processes)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # one configuration as JSON, in a fresh process
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps({"peak": measure(json.loads(args.measure))}))
+        print(json.dumps({"peak": measure(json.loads(args.measure))}), flush=True)
         return 0
 
     os.environ["LLMREPRO_CACHE"] = os.environ.get("LLMREPRO_CACHE") or tempfile.mkdtemp(prefix="llmrepro-bench-")
@@ -137,19 +171,22 @@ def main() -> int:
             for lora, ckpt, b, t in itertools.product([False, True], [False, True], args.batches, args.lengths)]
     print(f"{'method':<6} {'ckpt':<5} {'batch':>5} {'seq':>5} {'predicted MiB':>14} {'measured MiB':>13} "
           f"{'error':>8} {'plan s':>7}")
+    if not args.no_zero:  # DeepSpeed ZeRO-2 over two CPU processes (gloo), full fine-tuning, checkpointing off/on
+        grid += [{**c, "zero2": True} for c in grid if not c["lora"] and c["batch"] == args.batches[1]
+                 and c["length"] == args.lengths[1]]
     errors, seconds = [], []
     for c in grid:
-        done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(c)], cwd=ROOT, capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
+        try:
+            measured = measure_in_fresh_processes(c)
+        except RuntimeError as err:
+            print(err, file=sys.stderr)
             return 1
-        measured = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
         predicted, took = predict(c)
         error = predicted / measured - 1
         errors.append(abs(error))
         seconds.append(took)
-        print(f"{'lora' if c['lora'] else 'full':<6} {'on' if c['checkpointing'] else 'off':<5} {c['batch']:>5} "
+        method = "zero2" if c.get("zero2") else "lora" if c["lora"] else "full"
+        print(f"{method:<6} {'on' if c['checkpointing'] else 'off':<5} {c['batch']:>5} "
               f"{c['length']:>5} {predicted / 2**20:>14.2f} {measured / 2**20:>13.2f} {100 * error:>7.2f}% "
               f"{took:>7.2f}", flush=True)
     big = plan_12b_seconds()

@@ -9,6 +9,8 @@ package of the same layer):
 from __future__ import annotations
 
 import ast
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -20,7 +22,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "llmrepro"
 LAYERS = {"core": 0, "lm": 1, "launch": 1, "gradients": 2, "training": 2, "representations": 2, "recipes": 3,
           "cli": 4, "devtools": 4}
-HEAVY = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes", "trak", "sklearn", "scipy", "deepspeed")
+HEAVY = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes", "trak", "sklearn", "scipy", "deepspeed",
+         "numpy", "matplotlib")  # numpy alone costs ~0.15 s of the 1 s budget
 
 
 def module_name(path: Path) -> str:
@@ -132,13 +135,19 @@ def test_catalog_and_every_recipe_config_load_without_heavy_libraries():
 @pytest.mark.parametrize("args", [["list"], ["show", "instruct/dolly-pythia-2.8b", "--profile", "smoke"],
                                   ["validate"], ["run", "instruct/nope"]])
 def test_catalog_commands_answer_in_under_a_second(args):
-    """`list`, `show`, `validate` and a bad experiment name, in a fresh interpreter (best of three: the machine
-    is shared)."""
-    best = min(_timed([sys.executable, "-m", "llmrepro.cli", *args]) for _ in range(3))
-    assert best < 1.0, f"llmrepro {' '.join(args)} took {best:.2f} s"
+    """`list`, `show`, `validate` and a bad experiment name, in a fresh interpreter, best of three. The CPU time
+    the command takes (user + system) is what other load on a shared machine cannot inflate; the wall time is
+    checked as well when the machine is otherwise idle (1-minute load average under 1)."""
+    runs = [_timed([sys.executable, "-m", "llmrepro.cli", *args]) for _ in range(3)]
+    cpu, wall = min(c for c, _ in runs), min(w for _, w in runs)
+    assert cpu < 1.0, f"llmrepro {' '.join(args)} took {cpu:.2f} s of CPU"
+    if os.getloadavg()[0] < 1.0:
+        assert wall < 1.0, f"llmrepro {' '.join(args)} took {wall:.2f} s"
 
 
-def _timed(cmd: list[str]) -> float:
-    start = time.perf_counter()
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one run of `cmd`."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(cmd, capture_output=True, text=True)
-    return time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall

@@ -24,10 +24,9 @@ from llmrepro import __version__
 
 
 def cmd_list(args) -> int:
-    from llmrepro.core import catalog, io
+    from llmrepro.core import catalog
 
-    rows = [[e.name, e.spec.source, e.spec.recipe, e.spec.description] for e in catalog.load_all()]
-    print(io.table(rows, ["experiment", "source", "recipe", "description"]))
+    print(catalog.table(args.format))
     return 0
 
 
@@ -187,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show every log record on the console too")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("list", help="experiments: source project, recipe, description").set_defaults(fn=cmd_list)
+    ls = sub.add_parser("list", help="experiments: source project, recipe, description")
+    ls.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    ls.set_defaults(fn=cmd_list)
     sub.add_parser("recipes", help="recipes: what each does and which runs it reads").set_defaults(fn=cmd_recipes)
     s = sub.add_parser("show", help="the fully resolved config of an experiment")
     s.add_argument("experiment")
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmrepro: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmrepro list | head`: the reader left; say nothing more
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Developer tools: the golden metrics every smoke profile is pinned to.
+"""Developer tools: the golden metrics every smoke profile is pinned to, and the README's catalog table.
 
     python -m llmrepro.devtools golden                      # re-run every smoke profile, rewrite tests/golden/
     python -m llmrepro.devtools golden --only 'truth/*'     # just these experiments (and what they read)
+    python -m llmrepro.devtools readme                      # rewrite README.md's table from `llmrepro list`
 
 The tiny runs are deterministic, so each smoke profile's non-volatile metrics (not times, memory or
 throughput, see `core.results.VOLATILE`) are pinned in `tests/golden/<experiment>.json`, which
@@ -18,7 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN_DIR = ROOT / "tests" / "golden"
+README = ROOT / "README.md"
+CATALOG_BEGIN, CATALOG_END = "<!-- catalog: begin (python -m llmrepro.devtools readme) -->", "<!-- catalog: end -->"
 RTOL, ATOL = 1e-3, 1e-5  # CPUs differ in the last bits of float32 reductions; training steps amplify them a little
 
 
@@ -66,7 +70,11 @@ class SmokeRuns:
             try:
                 for dep in catalog.load(name).resolve("smoke").dependencies():
                     self.get(dep.experiment)
-                self.done[name] = runs.execute(catalog.load(name).run_spec("smoke"), self.output_dir)
+                spec = catalog.load(name).run_spec("smoke")
+                self.done[name] = runs.execute(spec, self.output_dir)
+            except runs.OutOfMemory as err:  # the OOM reproduction's outcome is its kept run (status oom)
+                expected = getattr(spec.cfg, "expect", None) == "oom" and err.run_dir is not None
+                self.done[name] = Path(err.run_dir) if expected else err
             except Exception as err:  # noqa: BLE001 -- kept, so that every experiment reading this run fails alike
                 self.done[name] = err
         if isinstance(self.done[name], Exception):
@@ -112,6 +120,14 @@ def golden(only: list[str]) -> int:
     return 1 if failed else 0
 
 
+def readme_with_table(text: str) -> str:
+    """README.md's text with the catalog table between its two markers replaced by the current one."""
+    begin, end = text.index(CATALOG_BEGIN) + len(CATALOG_BEGIN), text.index(CATALOG_END)
+    from llmrepro.core import catalog
+
+    return text[:begin] + "\n" + catalog.table("markdown") + "\n" + text[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmrepro.core import logs
     from llmrepro.core.progress import quiet_library_bars
@@ -120,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("golden", help="re-run smoke profiles and rewrite their golden metrics")
     g.add_argument("--only", action="append", metavar="GLOB", help="only experiments matching (repeatable)")
+    sub.add_parser("readme", help="rewrite README.md's experiment table from the catalog")
     args = parser.parse_args(argv)
+    if args.command == "readme":
+        README.write_text(readme_with_table(README.read_text()))
+        print(f"wrote the catalog table into {README}")
+        return 0
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LLMREPRO_PROGRESS": "0",
                        "WANDB_MODE": "disabled"}.items():  # as the tests run them
         os.environ.setdefault(key, value)

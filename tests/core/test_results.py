@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from probe_recipe import Config, registered
 
 from llmrepro.core import results, runs
 from llmrepro.core.catalog import Reference, RunSpec
-from probe_recipe import Config, registered
 
 REFS = [Reference(metric="value", value=5.5, where="Table 1 of the paper", tolerance=1.0),
         Reference(metric="missing_metric", value=1.0, where="Fig. 2")]

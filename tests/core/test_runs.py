@@ -161,7 +161,7 @@ def test_a_second_process_on_the_same_run_is_refused_naming_the_first(tmp_path):
     import time
 
     args = [sys.executable, "-m", "llmrepro.cli", "run", "memory_efficiency/small-net-timing", "--profile", "smoke",
-            "--output-dir", str(tmp_path), "iterations=4000", "repeats=2"]
+            "--output-dir", str(tmp_path), "iterations=4000", "repeat=2"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     exp_dir = tmp_path / "memory_efficiency" / "small-net-timing"
     deadline = time.time() + 120

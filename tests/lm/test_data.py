@@ -26,6 +26,12 @@ EXPECTED = {
     "sampled-tulu": ("chat", ["dataset", "id", "messages"]),
     "ultrachat-test": ("chat", ["prompt", "prompt_id", "messages"]),
     "helpsteer2-dpo": ("preference", ["prompt", "chosen", "rejected"]),
+    "helpsteer2-dpo-pairs": ("helpsteer2-dpo", ["prompt", "chosen_response", "rejected_response"]),
+    "helpsteer2-dpo-validation": ("helpsteer2-dpo", ["prompt", "chosen_response", "rejected_response"]),
+    "dpo-helpsteer": ("dpo-helpsteer", ["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen",
+                                        "score_rejected"]),
+    "truthful-qa-binary": ("binary-choice", ["question", "choices", "label"]),
+    "toxic-dpo": ("preference", ["prompt", "chosen", "rejected"]),
     "truthfulqa-mc": ("multiple-choice", ["question", "mc1_targets", "mc2_targets"]),
     "cities": ("true-false", ["statement", "label", "city", "country", "correct_country"]),
     "neg_cities": ("true-false", ["statement", "label", "city", "country", "correct_country"]),
@@ -36,13 +42,46 @@ EXPECTED = {
     "companies_true_false": ("true-false", ["statement", "label"]),
     "common_claim_true_false": ("true-false", ["statement", "label"]),
     "gair-lima": ("lima", ["conversations", "source"]),
+    "counterfact_true_false": ("true-false", ["statement", "label", "relation", "subject", "target", "true_target"]),
+}
+# fixtures read by other readers than load_rows: the reader and the exact columns it gets
+OTHER_READERS = {
+    "plain-text": ("lm.mc.read_texts", ["text"]),
+    "truthfulqa-csv": ("representations.datasets.read_csv", ["Type", "Category", "Question", "Best Answer",
+                                                            "Correct Answers", "Incorrect Answers", "Source"]),
+    "politicians": ("representations.datasets.read_csv", ["", "index", "Unnamed: 0", "name", "nameLabel", "education",
+                                                          "educationLabel", "countryLabel", "isTrue", "Questions",
+                                                          "Statements", "Group"]),
 }
 GEOMETRY_OF_TRUTH = Path(__file__).resolve().parents[3] / "shared" / "data" / "geometry-of-truth"
 
 
 def test_every_fixture_is_covered():
-    assert set(EXPECTED) == set(fixtures.FIXTURES)
+    assert set(EXPECTED) | set(OTHER_READERS) == set(fixtures.FIXTURES)
+    assert not set(EXPECTED) & set(OTHER_READERS)
     assert {fmt for fmt, _ in EXPECTED.values()} == set(FORMATS)
+
+
+def test_plain_text_fixture_through_its_reader():
+    from llmrepro.lm import mc
+
+    texts = mc.read_texts(mc.TextData(name="fixture:plain-text", limit=100))
+    rows = fixtures.rows("plain-text")
+    assert texts == [r["text"] for r in rows] and len(set(texts)) == len(texts) >= 8
+    assert OTHER_READERS["plain-text"][1] == list(rows[0])
+
+
+@pytest.mark.parametrize("name", ["truthfulqa-csv", "politicians"])
+def test_csv_fixtures_through_their_reader(name):
+    """Written with the real file's quirks (TruthfulQA.csv's byte-order mark, the Politicians set's unnamed index
+    columns) and read back by the truth datasets' reader with exactly the real columns."""
+    from llmrepro.representations.datasets import read_csv
+
+    path = fixtures.path(name)
+    if name == "truthfulqa-csv":
+        assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    rows = read_csv(path)
+    assert len(rows) >= 8 and all(list(r) == OTHER_READERS[name][1] for r in rows)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -13,8 +13,16 @@ import torch
 from llmrepro.lm.models import ModelConfig, load_tokenizer
 from llmrepro.lm.templates import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL
 from llmrepro.lm.templates import dolly_prompt as format_prompt
-from llmrepro.recipes.instruct_sft import (DEEPSPEED_CONFIGS, CompletionOnlyCollator, Config, build_examples,
-                                           find_subsequence, model_max_length, split_examples, warmup_log_factor)
+from llmrepro.recipes.instruct_sft import (
+    DEEPSPEED_CONFIGS,
+    CompletionOnlyCollator,
+    Config,
+    build_examples,
+    find_subsequence,
+    model_max_length,
+    split_examples,
+    warmup_log_factor,
+)
 
 EXP = "instruct/dolly-pythia-2.8b"
 
@@ -270,3 +278,20 @@ def test_bad_combinations_are_one_clear_error():
         _config(bf16=True, fp16=True)
     with pytest.raises(ValueError, match="carries DeepSpeed's WarmupLR"):
         _config(deepspeed="zero3", lr_scheduler="linear")
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("llmrepro.core.catalog", fromlist=["names"]).names()
+                                  if n.startswith("instruct/")])
+def test_yaml_header_names_the_command_the_source_files_and_commit(name):
+    import re
+
+    from llmrepro.core import catalog
+
+    exp = catalog.load(name)
+    lines = exp.path.read_text().splitlines()
+    assert lines[0] == f"# llmrepro run {name}"
+    header = "\n".join(line for line in lines if line.startswith("#"))
+    assert "databrickslabs/dolly @ e2d664d" in header and "what the source did" in header.lower()
+    assert re.search(r"training/(trainer|consts)\.py", header) and "train_dolly.py" in header
+    assert "Deliberate differences" in header
+    assert "Deliberate differences from the source" in catalog.registry.get(exp.spec.recipe).load().__doc__

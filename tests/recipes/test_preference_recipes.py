@@ -12,10 +12,21 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 DPO = "reprpo/dpo-llama3-8b-helpsteer2"
 REPRPO = "reprpo/mse-llama3-8b-helpsteer"
 SHARED_TQA = Path(__file__).resolve().parents[3] / "shared" / "data" / "truthfulqa" / "mc_task.json"
+
+
+def _bootstrap(values: list[float], k: int, seed: int) -> tuple[float, float]:
+    """The thesis' bootstrap_CI written out as a loop: k resamples (indices drawn as numpy's seeded generator draws
+    them), the sorted means at floor(k a/2) and ceil(k (1 - a/2)), a = 0.05."""
+    import numpy as np
+
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(k, len(values)))
+    means = sorted(sum(values[j] for j in row) / len(values) for row in idx.tolist())
+    return means[math.floor(k * 0.025)], means[min(math.ceil(k * 0.975), k - 1)]
 
 
 def _metrics(run: Path) -> dict:
@@ -42,7 +53,12 @@ def test_dpo_smoke_raises_reward_accuracy_on_its_training_pairs(runs):
     assert m["train_reward_accuracy"] >= 0.9 and m["train_reward_margin"] > 0.5
     assert m["train_accuracy"] > m["train_accuracy_base"]  # the adapter prefers chosen more often than the base
     assert m["loss_last"] < m["loss_first"]
-    assert m["train_reward_accuracy_ci_low"] <= m["train_reward_accuracy"] <= m["train_reward_accuracy_ci_high"]
+    # the source's "dpo reward acc train": the mean over logged steps, its CI the thesis' bootstrap of those values
+    steps = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
+    resolved = yaml.safe_load((dirs[DPO] / "config.yaml").read_text())["params"]
+    assert m["reward_accuracy_train"] == pytest.approx(sum(steps) / len(steps))
+    assert (m["reward_accuracy_train_ci_low"], m["reward_accuracy_train_ci_high"]) == pytest.approx(
+        _bootstrap(steps, resolved["eval"]["bootstrap_resamples"], resolved["seed"]))
     for name in ("adapter/adapter_config.json", "tqa.json", "training.png", "log_history.json"):
         assert (dirs[DPO] / name).is_file(), name
     assert json.loads((dirs[DPO] / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
@@ -59,7 +75,15 @@ def test_reprpo_smoke_logs_its_terms(runs):
     assert history[0]["weighting"] == pytest.approx(0.25)  # 1/B at init
     for key in ("tqa_score", "tqa_score_base", "helpsteer2_accuracy", "truthfulqa_accuracy", "toxic_accuracy",
                 "reward_accuracy_train"):
-        assert f"{key}_ci_low" in m and m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"]
+        assert f"{key}_ci_low" in m and f"{key}_ci_high" in m
+    resolved = yaml.safe_load((dirs[REPRPO] / "config.yaml").read_text())["params"]
+    k, seed, scale = resolved["eval"]["bootstrap_resamples"], resolved["seed"], resolved["eval"]["tqa"]["scale"]
+    per_question = json.loads((dirs[REPRPO] / "tqa.json").read_text())
+    for who, key in (("adapter", "tqa_score"), ("base", "tqa_score_base")):
+        scores = [q[who]["score"] for q in per_question]
+        assert m[key] == pytest.approx(scale * sum(scores) / len(scores))
+        low, high = _bootstrap(scores, k, seed)
+        assert (m[f"{key}_ci_low"], m[f"{key}_ci_high"]) == pytest.approx((scale * low, scale * high))
 
 
 def test_mc_eval_scores_the_saved_adapter_as_the_run_did(runs, tmp_path, monkeypatch):
@@ -172,7 +196,6 @@ def test_compare_makes_the_results_table(runs, cli):
     assert float(by_exp[(REPRPO, "tqa_score_base")]["published"]) == pytest.approx(0.521159, rel=1e-3)
 
 
-@pytest.mark.slow
 def test_resume_continues_to_the_same_result(runs, tmp_path, monkeypatch, cli):
     import transformers
 

@@ -122,3 +122,93 @@ def test_model_generated_answers_with_the_tulu_prompt_and_the_context_budget(tmp
     assert prompt == "<|user|>\nQ?\n<|assistant|>\n"
     long = [{"role": "user", "content": "word " * 600}]  # a prompt that fills the context: empty answer
     assert greedy.reply(long) == ""
+
+
+def test_make_variants_with_the_rules_generator_keeps_lima_rows_and_rewords_them(tmp_path, cli):
+    """The success path without a model: every LIMA row with two messages (and only those), reworded by the word
+    rules, written in order with its id; what gradient-similarity then reads as `variants`."""
+    from llmrepro.lm import fixtures
+    from llmrepro.lm.fixtures.chat import rules_paraphrase
+
+    code, _, err = cli("run", "similarity/paraphrased-lima", "--profile", "smoke", "--output-dir", str(tmp_path),
+                       "generator.backend=rules", "generator.local=null")
+    assert code == 0, err
+    run = next((tmp_path / "similarity" / "paraphrased-lima").iterdir())
+    rows = [json.loads(line) for line in (run / "variants.jsonl").read_text().splitlines()]
+    source = fixtures.rows("tulu-v2")[:6]
+    kept = [r for r in source if r["dataset"] == "lima" and len(r["messages"]) == 2]
+    assert kept and len(kept) < len(source)  # the fixture's first rows mix in other datasets / turns
+    assert rows == [{"id": r["id"], "dataset": "lima", "kind": "paraphrased", "messages": [
+        {"role": "user", "content": rules_paraphrase(r["messages"][0]["content"])},
+        {"role": "assistant", "content": rules_paraphrase(r["messages"][1]["content"])}]} for r in kept]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["samples"], metrics["skipped_rows"], metrics["empty_answers"]) == (len(kept), 6 - len(kept), 0)
+
+
+def test_full_gradient_similarity_success_path(tmp_path, cli):
+    """similarities.json in the source's layout ({variant id: {candidate id: cosine}}, 5 BM25 candidates with the
+    true original last unless BM25 ranked it), the metrics recomputed from it, and one cosine recomputed from two
+    per-sample gradients taken one sample at a time with plain autograd."""
+    import torch
+
+    from llmrepro.gradients import encoding, pairs
+    from llmrepro.lm import data
+    from llmrepro.lm.models import load_model, load_tokenizer
+
+    code, _, err = cli("run", "similarity/gradient-similarity-paraphrased", "--profile", "smoke",
+                       "--output-dir", str(tmp_path))
+    assert code == 0, err
+    run = next((tmp_path / "similarity" / "gradient-similarity-paraphrased").iterdir())
+    sims = json.loads((run / "similarities.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(sims) == metrics["samples"] == 12 and all(len(c) == 5 for c in sims.values())
+    assert all(p in c for p, c in sims.items())  # the true original is always among the candidates
+    best = [max(c, key=c.get) == p for p, c in sims.items()]
+    assert metrics["accuracy"] == pytest.approx(sum(best) / len(best))
+
+    cfg = catalog.load("similarity/gradient-similarity-paraphrased").run_spec("smoke").cfg
+    tok = load_tokenizer(cfg.model)
+    pairs.force_template(tok, "tulu")
+    model = load_model(cfg.model).eval()
+    originals = {r["id"]: r for r in pairs.lima_rows(data.load_rows(cfg.data), cfg.dataset_filter)}
+    variants = {r["id"]: r for r in pairs.variant_rows(data.load_rows(cfg.variants_data), cfg.variants_data.format,
+                                                       cfg.variants_data.name)}
+    p_id = next(iter(sims))
+    o_id = min(sims[p_id], key=sims[p_id].get)  # the least similar candidate: far from 1 whatever the model
+
+    def grad(row):
+        ex = encoding.encode(row, "chat", tok, "sft", 10**9)
+        ids = torch.tensor([ex["input_ids"]])
+        labels = torch.tensor([ex["labels"]])
+        model.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    g_p, g_o = grad(variants[p_id]), grad(originals[o_id])
+    assert sims[p_id][o_id] == pytest.approx(torch.nn.functional.cosine_similarity(g_p, g_o, dim=0).item(), abs=1e-4)
+
+
+def test_compare_puts_two_smoke_runs_next_to_the_published_figures(tmp_path, cli):
+    """`llmrepro compare` over the paraphrased and model-generated smoke runs: one row per run and referenced
+    metric, the measured value from each run's metrics.json, the published one from the YAML, their difference."""
+    exps = ["similarity/gradient-similarity-paraphrased", "similarity/gradient-similarity-model-generated"]
+    dirs = []
+    for exp in exps:
+        code, _, err = cli("run", exp, "--profile", "smoke", "--output-dir", str(tmp_path))
+        assert code == 0, err
+        dirs.append(next((tmp_path / exp).iterdir()))
+    code, out, err = cli("compare", *map(str, dirs), "--references-only", "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)
+    expected = []
+    for exp, run in zip(exps, dirs, strict=True):
+        metrics = json.loads((run / "metrics.json").read_text())
+        for ref in catalog.load(exp).spec.reference:
+            expected.append((exp, ref.metric, metrics[ref.metric], ref.value, ref.where))
+    got = [(r["experiment"], r["metric"], r["measured"], r["published"], r["published in"]) for r in rows]
+    assert sorted(got) == sorted(expected) and len(got) == len(expected)
+    assert all(r["diff"] == pytest.approx(r["measured"] - r["published"]) for r in rows)
+    code, out, _ = cli("compare", *map(str, dirs), "--references-only", "--format", "markdown")
+    header = out.splitlines()[0]
+    assert header == "| experiment | run | profile | metric | measured | published | diff | published in |"
+    assert len(out.splitlines()) == 2 + len(expected)

@@ -11,7 +11,7 @@ import torch
 
 from llmrepro.core import catalog
 from llmrepro.training.planning import allocator, api, estimate, measure
-from llmrepro.training.planning.workloads import workload
+from llmrepro.training.planning.workloads import model_of, workload
 
 WIDE = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 512}  # tiny-pythia, a little larger
 LORA = (8, 16, 0.05, ("query_key_value",))
@@ -150,8 +150,6 @@ def test_plan_covers_the_catalog(cli):
     for name in catalog.names():
         exp = catalog.load(name)
         spec = exp.run_spec(None, [])
-        from llmrepro.training.planning.workloads import model_of
-
         model = model_of(spec.params)
         config = api.model_config(model)[0] if model else {}
         assert workload(spec.recipe, spec.params, api.max_length_of(config)).kind in ("train", "gradients", "forward",

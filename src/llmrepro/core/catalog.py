@@ -232,3 +232,12 @@ def dependency_order(names: list[str], profile: str | None = "smoke") -> list[st
     for name in names:
         visit(name)
     return ordered
+
+
+def table(fmt: str = "text") -> str:
+    """`llmrepro list`: every experiment with its source, recipe and description (markdown: the README's table)."""
+    from llmrepro.core import io
+
+    code = (lambda x: f"`{x}`") if fmt == "markdown" else (lambda x: x)
+    rows = [[code(e.name), e.spec.source, code(e.spec.recipe), e.spec.description] for e in load_all()]
+    return io.table(rows, ["experiment", "source", "recipe", "description"], fmt)

@@ -58,6 +58,28 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def build_once(path: Path, build, done: str = "config.json") -> Path:
+    """`path`, made the first time by `build(tmp)` in a temporary sibling directory that is then renamed into
+    place: a reader never sees half a directory, and of two processes racing the second keeps the first's."""
+    import shutil
+    import tempfile
+
+    if (path / done).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process built it first (rename onto a non-empty directory fails)
+            if not (path / done).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -39,9 +39,13 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 class OutOfMemory(UserError):
-    """A run that ran out of memory: its manifest says status oom, its directory is kept (exit code 3)."""
+    """A run that ran out of memory: its manifest says status oom, its directory (`run_dir`) is kept (exit code 3)."""
 
     exit_code = 3
+
+    def __init__(self, message: str, run_dir: Path | None = None):
+        super().__init__(message)
+        self.run_dir = run_dir
 
 
 def _now() -> str:
@@ -99,7 +103,7 @@ def execute(spec: RunSpec, output_dir: str | Path | None = None, *, run_id: str 
         lock.release()
         if status == "oom":
             raise OutOfMemory(f"out of memory: {str(err).strip().splitlines()[0][:300]} (run kept at {partial}, "
-                              "status oom)") from err
+                              "status oom)", partial) from err
         raise
     finally:
         tracking.finish()

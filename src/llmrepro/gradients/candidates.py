@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
-
 from llmrepro.core.errors import UserError
 
 TOP_K = 5
@@ -30,6 +28,7 @@ def bm25_candidates(queries: list[str], corpus: list[str], truth: list[int | Non
                     ties: Ties = "argsort") -> list[list[int]]:
     """Indices into `corpus` of the top-k BM25 matches of each query, best first; the true original
     `truth[i]` (None: it has none) replaces the last slot when it is not among them."""
+    import numpy as np
     from rank_bm25 import BM25Okapi
 
     if k > len(corpus):

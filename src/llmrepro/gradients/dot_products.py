@@ -33,12 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-
 from llmrepro.core.errors import UserError
 from llmrepro.gradients.projection import CUDA_DIM_MULTIPLE, Projection, Projector, ProjectorKind
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 PROJECTION_MULTIPLE = 512
@@ -124,8 +123,10 @@ class ProjectionSet:
 GradFn = Callable[[str, list[int]], dict[str, "torch.Tensor"]]  # ('p'|'o', indices) -> name -> (B, n)
 
 
-def materialized_cross(P: dict[str, torch.Tensor], Q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{name: (c, n)}, {name: (b, n)} -> {name: (c, b)} dot products of every row of P with every row of Q."""
+def materialized_cross(P: dict[str, torch.Tensor], Q: dict[str, torch.Tensor], needed=None) -> dict[str, torch.Tensor]:
+    """{name: (c, n)}, {name: (b, n)} -> {name: (c, b)} dot products of every row of P with every row of Q.
+    `needed` ((c, b) bool, the pairs that are read) lets a costlier `cross` skip the others; one matrix
+    product computes them all anyway."""
     return {n: P[n] @ Q[n].T for n in P}
 
 
@@ -164,14 +165,28 @@ class DotProducts:
     pairs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     paraphrased: dict[int, np.ndarray] = field(default_factory=dict)
     original: dict[int, np.ndarray] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)  # tensor -> how it was computed (vmap, ghost, factored ...)
+    max_tokens: int | None = None  # the longest sample, where the ghost rule used it
 
     def matrices(self) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray]:
         """(pairs in order, D_po, D_pp, D_oo), each (n_pairs, n_tensors)."""
+        import numpy as np
+
         keys = [(p, o) for p, cands in self.candidates.items() for o in cands]
         po = np.stack([self.pairs[k][0] for k in keys])
         pp = np.stack([self.paraphrased[p] for p, _ in keys])
         oo = np.stack([self.pairs[k][1] for k in keys])
         return keys, po, pp, oo
+
+    def unlabelled(self) -> DotProducts:
+        """The tensors without a `<label>/` prefix: the full-gradient ones of a run that also projected."""
+        cols = [i for i, n in enumerate(self.tensors) if "/" not in n]
+        pick = lambda v: v[cols]  # noqa: E731
+        return DotProducts({n: d for n, d in self.tensors.items() if "/" not in n}, dict(self.candidates),
+                           {k: (pick(a), pick(b)) for k, (a, b) in self.pairs.items()},
+                           {k: pick(v) for k, v in self.paraphrased.items()},
+                           {k: pick(v) for k, v in self.original.items()},
+                           {n: m for n, m in self.methods.items() if "/" not in n}, self.max_tokens)
 
     def part(self, label: str) -> DotProducts:
         """The tensors named `<label>/...` (a `ProjectionSet` projection), with the label taken off."""
@@ -183,7 +198,9 @@ class DotProducts:
                            dict(self.candidates),
                            {k: (pick(a), pick(b)) for k, (a, b) in self.pairs.items()},
                            {k: pick(v) for k, v in self.paraphrased.items()},
-                           {k: pick(v) for k, v in self.original.items()})
+                           {k: pick(v) for k, v in self.original.items()},
+                           {n.split("/", 1)[1]: m for n, m in self.methods.items() if n.startswith(f"{label}/")},
+                           self.max_tokens)
 
 
 def stream_dot_products(grads: GradFn, candidates: list[list[int]], *, chunk_size: int, batch_size: int,
@@ -215,7 +232,8 @@ def stream_dot_products(grads: GradFn, candidates: list[list[int]], *, chunk_siz
         for b in range(0, len(os), batch_size):
             batch = os[b:b + batch_size]
             Q = grads("o", batch)  # the candidates' gradients
-            dots = cross(P, Q)
+            needed = torch.tensor([[i in keep and o in candidates[p] for o in batch] for i, p in enumerate(ps)])
+            dots = cross(P, Q, needed)  # (c, b) per tensor; only the `needed` entries are read
             po = torch.stack([dots[n] for n in names], 2).double().cpu().numpy()  # (c, b, T)
             sq = norms(Q)
             oo = torch.stack([sq[n] for n in names], 1).double().cpu().numpy()  # (b, T)

@@ -37,6 +37,7 @@ from llmrepro.gradients.dot_products import (
     ProjectionSet,
     TensorProjector,
     projection_total,
+    split_dims,
     stream_dot_products,
 )
 from llmrepro.lm import data
@@ -44,6 +45,7 @@ from llmrepro.lm.data import DataConfig
 from llmrepro.lm.fixtures.chat import rules_paraphrase
 from llmrepro.lm.models import ModelConfig
 
+Method = Literal["vmap", "hooks", "ghost"]
 VARIANT_COLUMNS = {"paraphrased": "paraphrased_messages", "model-generated": "model_generated_messages",
                    "chat": "messages"}  # data format -> the column that holds the variant's messages
 
@@ -107,9 +109,11 @@ class ProjectionConfig(Strict):
 
     fractions: list[float] = Field([0.01, 0.05], min_length=1)  # of the parameter count; the source's 1% and 5%
     type: Literal["rademacher", "normal"] = "rademacher"
-    projector: Literal["basic", "cuda"] = "cuda"  # cuda: traker's fast_jl kernel, as the source; basic: any device
+    # cuda: traker's fast_jl kernel, as the source; basic: traker's BasicProjector, any device; factored: the
+    # LoGra-style Kronecker projection from captured factors (`gradients.factored`, another projection)
+    projector: Literal["basic", "cuda", "factored"] = "cuda"
     dims: DimsRule = "source"  # source: each tensor max(512, share rounded to 512); exact: parts sum to the total
-    input_dtype: Literal["float16", "float32"] = "float16"  # the source rounded gradients to float16 first
+    input_dtype: Literal["float16", "float32"] = "float16"  # the source rounded gradients to float16 first (not factored)
     max_matrix_mb: int = Field(1024, ge=1)  # basic: memory for one block of a tensor's random matrix
     max_batch_size: Literal[8, 16, 32] = 8  # cuda: rows per kernel call (the source's 8)
 
@@ -124,12 +128,20 @@ class ProjectionConfig(Strict):
         """The metric suffix of a fraction: 0.01 -> '1pct'."""
         return f"{fraction * 100:g}pct".replace(".", "_")
 
-    def projector_set(self, sizes: dict[str, int], seed: int, device) -> tuple[ProjectionSet, dict[str, int]]:
-        """The projections of all fractions, and each label's nominal total dimension."""
+    def projector_set(self, sizes: dict[str, int], seed: int, device, plan=None) -> tuple[ProjectionSet, dict[str, int]]:
+        """The projections of all fractions, and each label's nominal total dimension. `factored` needs the
+        model's capture plan (`capture.capture_plan`) and is then fed captured gradients."""
         from llmrepro.gradients.projection import Projection
 
         n = sum(sizes.values())
         totals = {self.label(f): projection_total(n, f) for f in self.fractions}
+        if self.projector == "factored":
+            from llmrepro.gradients.factored import FactoredProjector
+
+            projectors = {label: FactoredProjector(plan, split_dims(sizes, total, 1, self.dims), self.type, seed,
+                                                   device, self.max_matrix_mb)
+                          for label, total in totals.items()}
+            return ProjectionSet(projectors), totals
         projectors = {label: TensorProjector(sizes, Projection(dim=total, type=self.type, projector=self.projector,
                                                                seed=seed, max_matrix_mb=self.max_matrix_mb,
                                                                max_batch_size=self.max_batch_size),
@@ -151,6 +163,10 @@ class PairsConfig(RecipeConfig):
     chat_template: Literal["tulu", "model"] = "tulu"  # tulu: open-instruct's, forced as the source; model: its own
     max_length: int | None = Field(None, ge=8)  # None: no truncation, as the source
     expect_eos_token_id: int | None = None  # fail unless the tokenizer's EOS is this id (AMD-OLMo: 50279)
+    # per-sample gradients: vmap (torch.func, eager attention); hooks: built from each layer's inputs and output
+    # gradients captured in one batched backward (`gradients.capture`); ghost: as hooks, with the dot products of
+    # linear layers where 2 T^2 <= d_in d_out taken from those factors without building the gradients
+    method: Method = "vmap"
     chunk_size: int = Field(8, ge=1)  # variant gradients held at once
     batch_size: int = Field(8, ge=1)  # samples differentiated per vmap call (candidates per batch)
     partition_start: int = Field(0, ge=0)  # variants [start, end) of this job
@@ -238,30 +254,62 @@ def load_model_for_gradients(cfg: PairsConfig, ctx):
     return tokenizer, model
 
 
+def method_metrics(cfg: PairsConfig, dots: DotProducts) -> dict:
+    """How the full-gradient dot products were computed: the method, and with ghost the tensors done that way
+    and the sample length the rule 2 T^2 <= d_in d_out used."""
+    out = {"method": cfg.method}
+    if cfg.method == "ghost":
+        ghost = [n for n, m in dots.methods.items() if m == "ghost" and "/" not in n]
+        out |= {"ghost_tensors": len(ghost), "materialized_tensors": len(dots.unlabelled().tensors) - len(ghost),
+                "ghost_max_tokens": dots.max_tokens, "ghost_layers": ghost}
+    return out
+
+
 def compute_dot_products(cfg: PairsConfig, pairs: Pairs, ctx, projection: ProjectionConfig | None = None,
-                         loaded=None) -> tuple[DotProducts, dict[str, int]]:
+                         loaded=None, projections: dict[str, ProjectionConfig] | None = None
+                         ) -> tuple[DotProducts, dict[str, int]]:
     """Stream the per-tensor dot products of cfg's partition: prompt-masked SFT loss, model in eval mode,
     optionally on per-tensor projections. Returns (dot products, nominal total dimension per projection label;
-    empty without projection); with projection the tensors are named `<label>/<tensor>` (`DotProducts.part`).
-    `loaded`: (tokenizer, model) from `load_model_for_gradients`, to reuse."""
+    empty without projection).
+
+    - `projection`: the dot products of that projection only, tensors named `<label>/<tensor>` (label: the
+      fraction, `1pct`; `DotProducts.part(label)` takes one out);
+    - `projections` ({name: projection}): the full-gradient dot products (tensors named as the parameters) and
+      those of every projection, `<name>_<label>/<tensor>`, from one gradient computation.
+    `dots.methods` says how each tensor's numbers were computed (`cfg.method`: vmap, hooks -> materialized,
+    ghost -> per tensor by `gradients.ghost.choose` with T the longest sample of the whole run; projections:
+    factored or dense). `loaded`: (tokenizer, model) from `load_model_for_gradients`, to reuse."""
     import torch
 
-    from llmrepro.gradients import encoding, per_sample
+    from llmrepro.gradients import capture, encoding, ghost, per_sample
 
-    if projection is not None and projection.projector == "cuda" and not torch.cuda.is_available():
+    if projection is not None and projections:
+        raise ValueError("give projection or projections, not both")
+    specs = projections or ({"": projection} if projection is not None else {})
+    full = projection is None
+    if any(p.projector == "cuda" for p in specs.values()) and not torch.cuda.is_available():
         raise UserError("projection.projector=cuda needs a CUDA GPU; none is available (use projection.projector: "
                         "basic)")  # before loading the model
+    if not full and cfg.method == "ghost":
+        raise UserError("method ghost gives dot products of full gradients, not of projections; use method hooks "
+                        "(or vmap) with projection")
     tokenizer, model = loaded or load_model_for_gradients(cfg, ctx)
     device = next(model.parameters()).device
-    sizes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    project, totals = None, {}
-    if projection is not None:
-        project, totals = projection.projector_set(sizes, cfg.seed, device)
-        for label, total in totals.items():
-            dims = project.projectors[label].dims
-            ctx.log.info("projection %s: %d dims nominal, %d over %d tensors (%s, %s projector, %s input)", label,
-                         total, sum(dims.values()), len(dims), projection.type, projection.projector,
-                         projection.input_dtype)
+    params = per_sample.select_params(model, "parameters")
+    sizes = {n: p.numel() for n, p in params.items()}
+    hooks = cfg.method != "vmap" or any(p.projector == "factored" for p in specs.values())
+    plan = capture.capture_plan(model, params) if hooks else None
+    projectors, totals, factored = {}, {}, set()  # label -> TensorProjector | FactoredProjector
+    for name, spec in specs.items():
+        made, nominal = spec.projector_set(sizes, cfg.seed, device, plan)
+        for label, proj in made.projectors.items():
+            full_label = f"{name}_{label}" if name else label
+            projectors[full_label], totals[full_label] = proj, nominal[label]
+            if spec.projector == "factored":
+                factored.add(full_label)
+            ctx.log.info("projection %s: %d dims nominal, %d over %d tensors (%s, %s projector, %s input)",
+                         full_label, nominal[label], sum(proj.dims.values()), len(proj.dims), spec.type,
+                         spec.projector, "factors" if spec.projector == "factored" else spec.input_dtype)
     length = cfg.max_length or sys.maxsize  # no limit: the whole sequence, as the source (no truncation)
     encoded: dict[tuple[str, int], dict] = {}
 
@@ -271,13 +319,48 @@ def compute_dot_products(cfg: PairsConfig, pairs: Pairs, ctx, projection: Projec
             encoded[kind, i] = encoding.encode(rows[i], "chat", tokenizer, "sft", length)
         return encoded[kind, i]
 
+    methods = {n: "materialized" if hooks else "vmap" for n in sizes} if full else {}
+    choice, longest = {}, None
+    if cfg.method == "ghost":  # one choice per tensor for the whole run, from its longest sample
+        used = {o for c in pairs.candidates for o in c}
+        longest = max([len(encode("p", i)["input_ids"]) for i in range(len(pairs.variants))]
+                      + [len(encode("o", i)["input_ids"]) for i in sorted(used)])
+        choice = ghost.choose(plan, longest)
+        methods = {n: "ghost" if g else "materialized" for n, g in choice.items()}
+        ctx.log.info("ghost dot products for %d of %d tensors (2 T^2 <= d_in d_out, T = %d tokens)",
+                     sum(choice.values()), len(choice), longest)
+    for label, proj in projectors.items():
+        methods |= {f"{label}/{n}": "factored" if n in getattr(proj, "factors", {}) else "dense" for n in proj.dims}
+
+    def features(g: dict | None, captured: dict | None) -> dict:
+        """What the dot products are taken of: full gradients (or their ghost factors) and projections."""
+        out = {}
+        if full:
+            out |= ghost.features(captured, choice) if choice else g
+        for label, proj in projectors.items():
+            out |= {f"{label}/{n}": v for n, v in proj(captured if label in factored else g).items()}
+        return out
+
     def grads(kind: str, idx: list[int]) -> dict[str, torch.Tensor]:
         examples = [encode(kind, i) for i in idx]
-        batch = encoding.collate(examples, tokenizer.pad_token_id)
-        g = per_sample.per_sample_grads(model, batch, "sft", chunk_size=cfg.batch_size)  # batch_size at a time
-        g = {n: t.reshape(len(idx), -1) for n, t in g.items()}
-        return project(g) if project else g
+        if plan is None:
+            batch = encoding.collate(examples, tokenizer.pad_token_id)
+            g = per_sample.per_sample_grads(model, batch, "sft", chunk_size=cfg.batch_size)  # batch_size at a time
+            return features({n: t.reshape(len(idx), -1) for n, t in g.items()}, None)
+        parts = []
+        for i in range(0, len(idx), cfg.batch_size):  # batch_size samples per forward and backward
+            batch = encoding.collate(examples[i:i + cfg.batch_size], tokenizer.pad_token_id)
+            captured = capture.capture(model, batch, "sft", plan)
+            need = (full and not choice) or len(factored) < len(projectors)  # someone takes (B, n) gradients
+            parts.append(features(capture.materialize_all(captured) if need else None, captured))
+            del captured
+        return {n: capture.PerSample.cat([p[n] for p in parts]) if isinstance(parts[0][n], capture.PerSample)
+                else torch.cat([p[n] for p in parts]) for n in parts[0]}
 
+    tensors = ({**sizes} if full else {}) | {f"{label}/{n}": k for label, proj in projectors.items()
+                                             for n, k in proj.dims.items()}
     dots = stream_dot_products(grads, pairs.candidates, chunk_size=cfg.chunk_size, batch_size=cfg.batch_size,
-                               start=cfg.partition_start, end=cfg.partition_end, progress=ctx.progress)
+                               start=cfg.partition_start, end=cfg.partition_end, progress=ctx.progress,
+                               cross=ghost.cross, norms=ghost.norms, tensors=tensors)
+    dots.methods, dots.max_tokens = methods, longest
     return dots, totals

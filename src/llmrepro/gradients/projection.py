@@ -9,6 +9,8 @@ Implementations (`projector:` in a config), never substituted for one another:
 - `cuda`: traker's `CudaProjector` (the `fast_jl` kernel), as the source used it: seed 42, model_id 0,
   `max_batch_size` 8, so its projections match the source's. Needs a CUDA GPU, `fast_jl`, and a projection
   dimension that is a multiple of 512.
+- `factored`: not a projector of flat gradients: parameter and LoRA gradients projected tensor by tensor from
+  their captured factors (`llmrepro.gradients.factored`, LoGra-style), `dim` split over the tensors by `dims`.
 
 `Projection` is the config section; `Projector(spec, grad_dim, device)` builds the projector after checking
 it can run, and `.project(grads)` maps (B, grad_dim) -> (B, dim) float32 (both projectors compute in and
@@ -37,6 +39,7 @@ CUDA_DIM_MULTIPLE = 512
 class ProjectorKind(str, Enum):
     basic = "basic"
     cuda = "cuda"
+    factored = "factored"
 
 
 class ProjectionType(str, Enum):
@@ -53,6 +56,7 @@ class Projection(Strict):
     seed: int = 42  # the source's
     max_matrix_mb: int = Field(1024, ge=1)  # basic: memory for one block of the random matrix
     max_batch_size: Literal[8, 16, 32] = 8  # cuda: rows per kernel call (the source's 8)
+    dims: Literal["exact", "source"] = "exact"  # factored: split of dim over tensors (dot_products.split_dims)
 
     @model_validator(mode="after")
     def _cuda_dim(self):
@@ -63,8 +67,9 @@ class Projection(Strict):
 
     @property
     def folder(self) -> str:
-        """The source's directory name for projected gradients: `{type}_{dim}`."""
-        return f"{self.type.value}_{self.dim}"
+        """The source's directory name for projected gradients: `{type}_{dim}` (`factored_{type}_{dim}`)."""
+        prefix = "factored_" if self.projector == ProjectorKind.factored else ""
+        return f"{prefix}{self.type.value}_{self.dim}"
 
 
 def block_size(spec: Projection, grad_dim: int) -> int:
@@ -80,6 +85,8 @@ class Projector:
         from trak.projectors import BasicProjector, CudaProjector
         from trak.projectors import ProjectionType as TrakType
 
+        if spec.projector == ProjectorKind.factored:
+            raise ValueError("the factored projection works on captured factors: use factored.FactoredProjector")
         self.spec, self.grad_dim, self.device = spec, grad_dim, torch.device(device)
         kind = TrakType(spec.type.value)
         if spec.projector == ProjectorKind.cuda:

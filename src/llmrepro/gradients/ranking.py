@@ -22,9 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 Ranking = Literal["source", "fixed"]
@@ -37,6 +36,7 @@ def source_scores(test: torch.Tensor, train: torch.Tensor, method: Method, chunk
     at a time. The same operations; where the last bit of a float16 sum falls depends on how torch splits
     the reduction over threads, which depends on the shape and the thread count (explain.py ran on 2 CPUs),
     so only a chunk of all N rows on as many threads repeats explain.py bit for bit."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -56,6 +56,7 @@ def source_scores(test: torch.Tensor, train: torch.Tensor, method: Method, chunk
 def float32_scores(test: torch.Tensor, train: torch.Tensor, method: Method, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """(M, D), (N, D) -> (M, N) dot products or cosines in float32 (a zero vector has cosine 0), `chunk_rows`
     train rows converted at a time."""
+    import numpy as np
     import torch.nn.functional as F
 
     t = test.float()
@@ -85,6 +86,8 @@ def source_order(scores: Iterable[float]) -> list[int]:
 
 def fixed_order(scores: np.ndarray, excluded: set[int] = frozenset()) -> list[int]:
     """Indices not in `excluded` by descending score, ties in dataset order, NaN last."""
+    import numpy as np
+
     idx = np.array([j for j in range(len(scores)) if j not in excluded], dtype=np.int64)
     values = np.asarray(scores, dtype=float)[idx]
     return idx[np.argsort(-np.where(np.isnan(values), -np.inf, values), kind="stable")].tolist()

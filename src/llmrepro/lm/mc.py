@@ -26,13 +26,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from pydantic import Field
 
 from llmrepro.core.config import Strict
 from llmrepro.core.errors import UserError
+
+if TYPE_CHECKING:
+    pass
 
 # TruthfulQA's QA primer (truthfulqa/presets.py `QA_PRIMER`), used by honest_llama and, followed by "\n\n", by the
 # thesis (`few_shot_truthful_qa`, ITI notebooks cell 7).
@@ -98,6 +100,8 @@ class MCItem:
     meta: dict = field(default_factory=dict)
 
     def best_answer(self) -> str:
+        import numpy as np
+
         if self.best is not None:
             return self.best
         if self.mc1_choices is not None:
@@ -106,6 +110,8 @@ class MCItem:
 
     def numbered_set(self) -> tuple[list[str], int]:
         """(choices, index of the true one) shown as a numbered list: MC1's set, else the MC2 set."""
+        import numpy as np
+
         if self.mc1_choices is not None:
             return self.mc1_choices, int(np.argmax(self.mc1_labels))
         return self.choices, self.labels.index(1)
@@ -238,6 +244,8 @@ def load_items(cfg: MCData, ctx=None) -> list[MCItem]:
 
 
 def logsumexp(x) -> float:
+    import numpy as np
+
     x = np.asarray(x, dtype=np.float64)
     m = x.max()
     return float(m + np.log(np.exp(x - m).sum()))
@@ -246,6 +254,8 @@ def logsumexp(x) -> float:
 def mc_metrics(scores: list[float], labels: list[int], best: int | None = None) -> dict:
     """TruthfulQA `MC_calcs` on summed log-probs: MC1 (the best true answer scores above every false one), MC2 (true
     probability mass over all, = the thesis' p_true), MC3 (share of true answers above every false one)."""
+    import numpy as np
+
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
     best = int(np.flatnonzero(y)[0]) if best is None else best
     max_false = s[~y].max()
@@ -256,6 +266,8 @@ def mc_metrics(scores: list[float], labels: list[int], best: int | None = None) 
 def numbered_score(choice_logprobs: list[float], label: int) -> dict:
     """ReprPO `calc_mc_log_ratio`: ratio = p_label / sum of the other choices' p; score = ratio/(1+ratio) (=
     p_label / sum p); coverage = sum p (how much of the next-token mass the choice numbers get)."""
+    import numpy as np
+
     lp = np.asarray(choice_logprobs, dtype=np.float64)
     others = np.delete(lp, label)
     log_ratio = lp[label] - logsumexp(others)
@@ -267,6 +279,8 @@ def numbered_score(choice_logprobs: list[float], label: int) -> dict:
 def bootstrap_ci(values, alpha: float = 0.05, k: int = 2000, seed: int = 0) -> tuple[float, float]:
     """The thesis' `bootstrap_CI` (ITI cell 37): k resamples of the mean, the sorted means at floor(k a/2) and
     ceil(k (1-a/2)) (clipped to k-1); seeded here (the source is not)."""
+    import numpy as np
+
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return (math.nan, math.nan)
@@ -286,6 +300,8 @@ def jeffreys_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, flo
 def dirichlet_baseline(items: list[MCItem]) -> float:
     """The thesis' random (Dirichlet) baseline, in closed form: E[sum of the true choices' share] = |true| / |all|
     for every concentration, so its alpha search (ITI cell 41) only picks sampling noise; the mean over questions."""
+    import numpy as np
+
     return float(np.mean([sum(it.labels) / len(it.labels) for it in items]))
 
 
@@ -508,6 +524,8 @@ ScoringMode = Literal["thesis", "honest_llama", "numbered", "completion"]
 
 def summarize(mode: str, per_item: list[dict], bootstrap: int = 2000, seed: int = 0) -> dict:
     """Means of a mode's figures over the items, each with a bootstrap 95% CI (`_ci_low`/`_ci_high`)."""
+    import numpy as np
+
     out = {f"{mode}_n": len(per_item)}
     for fig in FIGURES[mode]:
         values = [r[fig] for r in per_item]
@@ -554,6 +572,7 @@ def ce_and_kl(model, texts: list[list[int]], modified: Callable, original: Calla
     """honest_llama `run_ce_loss` / `run_kl_wrt_orig` on token ids (already cut to 128 tokens): CE = mean LM loss of
     the modified model; KL = mean over texts of sum_t KL(p_orig || p_mod) / seq_len (probs clamped at 1e-10).
     `modified()`/`original()` are context managers that switch the model (intervention on/off, adapter on/off)."""
+    import numpy as np
     import torch
 
     device = next(model.parameters()).device

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from llmrepro.core import io
@@ -96,17 +93,4 @@ def ensure(name: str, overrides: dict | None = None) -> Path:
     """Path of tiny model `name` (with config overrides), building it into the cache the first time."""
     overrides = overrides or {}
     path = io.cache_dir() / "tiny" / f"{name}-{_fingerprint(name, overrides)}"
-    if (path / "config.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
-    try:
-        build(name, tmp, overrides)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process built it first
-            if not (path / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return io.build_once(path, lambda tmp: build(name, tmp, overrides))

@@ -13,7 +13,11 @@ the `<|assistant|>` prefix is labelled) or the model's own (`template: model`). 
 `sft`, as in `llmrepro.gradients.encoding`. The model is read at a checkpoint index into its revisions (for
 hub models the source's list: the stage1 branches by step, the stage2 ones by ingredient and step, `main`).
 
-Added: `target: parameters | lora` (per-sample parameter gradients via vmap); `shard_start`/`shard_end`
+Added: `target: parameters | lora` (per-sample parameter gradients via vmap), and for those targets
+`projection.projector: factored`: the LoGra-style Kronecker projection computed tensor by tensor from each
+layer's captured inputs and output gradients without building the gradient (`llmrepro.gradients.factored`;
+`dim` split over the tensors by `projection.dims`, stored as the per-tensor projections concatenated in
+parameter order, folder `factored_{type}_{dim}`; another projection than a dense matrix); `shard_start`/`shard_end`
 to split one extraction across a cluster array, and `merge: true` to gather the shards of this
 experiment's other runs into one run that equals a single-process extraction:
 
@@ -100,6 +104,9 @@ class Config(RecipeConfig):
             raise ValueError(f"data.format {self.data.format} has no training text; use chat, alpaca-style or true-false")
         if (self.target == "lora") != (self.model.lora is not None):
             raise ValueError("target lora and model.lora go together: set both or neither")
+        if self.projection is not None and self.projection.projector.value == "factored" and self.target == "inputs_embeds":
+            raise ValueError("projection.projector factored projects parameter gradients from their factors: "
+                             "set target: parameters or lora (input-embedding gradients use basic or cuda)")
         if self.shard_end is not None and self.shard_end <= self.shard_start:
             raise ValueError(f"shard_end ({self.shard_end}) must be greater than shard_start ({self.shard_start})")
         return self
@@ -152,8 +159,10 @@ def resolve_checkpoint(cfg: Config) -> str:
 #
 # rows --encode--> examples --collate--> batch --batch_grads--> (B, grad_dim) --projector--> (B, dim) --> shard
 #
-# A projection that works on factors instead of flat gradients (e.g. LoGra's per-layer projections for the
-# parameter/LoRA targets) replaces the flat `batch_grads` + `projector.project` pair inside `extract_range`.
+# `projector: factored` (parameter/LoRA targets) replaces the flat `batch_grads` + `projector.project` pair:
+# each layer's inputs and output gradients are captured in one batched backward (`gradients.capture`) and
+# projected tensor by tensor from those factors (`gradients.factored.FactoredProjector`), never building the
+# gradient; the (B, sum of per-tensor dims) rows are the per-tensor projections concatenated in parameter order.
 
 def grad_dim(model, cfg: Config) -> int:
     from llmrepro.gradients import per_sample
@@ -185,12 +194,39 @@ def extract_range(model, examples: list[dict], pad_id: int, cfg: Config, project
     """Gradients of `examples`, in order: (n, grad_dim) in grad_dtype, or projected (n, dim) float32."""
     import torch
 
+    from llmrepro.gradients import capture
+    from llmrepro.gradients.factored import FactoredProjector
+
     dtype = getattr(torch, cfg.grad_dtype)
     rows = []
     for i in range(0, len(examples), cfg.batch_size):
-        g = batch_grads(model, collate(examples[i:i + cfg.batch_size], pad_id, cfg), cfg).detach().to(dtype)
+        batch = collate(examples[i:i + cfg.batch_size], pad_id, cfg)
+        if isinstance(projector, FactoredProjector):  # from the factors, in float32: no gradient to round
+            projected = projector(capture.capture(model, batch, cfg.paradigm, projector.plan))
+            rows.append(torch.cat([projected[n].float() for n in projector.dims], dim=1).cpu())
+            continue
+        g = batch_grads(model, batch, cfg).detach().to(dtype)
         rows.append((projector.project(g) if projector else g).cpu())  # the source projected the half gradient
     return torch.cat(rows)
+
+
+def make_projector(model, cfg: Config, dim: int, device):
+    """The projector of cfg.projection: traker's (basic, cuda) over the flat gradient, or the factored one."""
+    from llmrepro.gradients.projection import Projector
+
+    if cfg.projection is None:
+        return None
+    if cfg.projection.projector.value != "factored":
+        return Projector(cfg.projection, dim, device)
+    from llmrepro.gradients import capture, per_sample
+    from llmrepro.gradients.dot_products import split_dims
+    from llmrepro.gradients.factored import FactoredProjector
+
+    params = per_sample.select_params(model, cfg.target)
+    plan = capture.capture_plan(model, params)
+    dims = split_dims({n: p.numel() for n, p in params.items()}, cfg.projection.dim, 1, cfg.projection.dims)
+    return FactoredProjector(plan, dims, cfg.projection.type.value, cfg.projection.seed, device,
+                             cfg.projection.max_matrix_mb, total=cfg.projection.dim)
 
 
 def write_mean(out: Path, n: int, per_file: int):
@@ -210,7 +246,6 @@ def stored_norm_mean(directory: Path, wanted: list[tuple[int, int]]) -> float:
 def run(cfg: Config, ctx) -> dict:
     import torch
 
-    from llmrepro.gradients.projection import Projector
     from llmrepro.training import memory
 
     if cfg.merge:
@@ -230,7 +265,7 @@ def run(cfg: Config, ctx) -> dict:
     folder = cfg.projection.folder if cfg.projection else "full"
     out = shards.gradient_dir(ctx.dir / "gradients", folder, cfg.model.name, cfg.data.name, cfg.data.split, revision)
     dim = grad_dim(model, cfg)
-    projector = Projector(cfg.projection, dim, device) if cfg.projection else None
+    projector = make_projector(model, cfg, dim, device)
     shards.check_meta(out, {
         "samples": len(rows), "gradients_per_file": cfg.gradients_per_file, "mode": cfg.mode, "target": cfg.target,
         "paradigm": cfg.paradigm, "template": cfg.template if cfg.data.format == "chat" else None,
@@ -266,6 +301,8 @@ def run(cfg: Config, ctx) -> dict:
     metrics = {"samples": len(rows), "shards_total": len(all_ranges), "shards_in_range": len(todo),
                "shards_skipped": skipped, "samples_computed": computed, "grad_dim": dim,
                "dim": cfg.projection.dim if cfg.projection else dim}
+    if projector is not None and "dims_used" in projector.describe():
+        metrics["dims_used"] = projector.describe()["dims_used"]
     if cfg.mode == "store_mean" and len(todo) == len(all_ranges):
         metrics["mean_norm"] = write_mean(out, len(rows), cfg.gradients_per_file).float().norm().item()
     elif cfg.mode == "store":

@@ -35,10 +35,17 @@ Deliberate differences from the source:
   paraphrased files (b901523, c550528) set it only when the tokenizer had no template of its own
   (`chat_template: model` uses the tokenizer's own);
 - options the source did not have: `chat_template: model`, `max_length`, `projection.dims: exact`,
-  `projection.input_dtype: float32`, `projection.projector: basic`.
+  `projection.input_dtype: float32`, `projection.projector: basic`; `method: hooks` (per-sample gradients
+  built from each layer's inputs and output gradients captured in one batched backward, `gradients.capture`)
+  and `method: ghost` (full gradients only: linear layers' dot products from those factors,
+  `gradients.ghost`; recorded as `ghost_layers` / `ghost_max_tokens`); `projection.projector: factored`, the
+  LoGra-style Kronecker projection R^T G C of each weight from its factors (`gradients.factored`, another
+  projection than the source's dense one: the `*-factored` experiments; metric `factored_tensors_<n>pct`).
 """
 
 from __future__ import annotations
+
+from pydantic import model_validator
 
 from llmrepro.core import io
 from llmrepro.gradients import pairs as pairs_
@@ -50,6 +57,13 @@ __all__ = ["Config", "ProjectionConfig", "run"]
 
 class Config(PairsConfig):
     projection: ProjectionConfig | None = None  # None: full gradients
+
+    @model_validator(mode="after")
+    def _method(self):
+        if self.projection is not None and self.method == "ghost":
+            raise ValueError("method ghost gives dot products of full gradients, not of projections; use method "
+                             "hooks (or vmap) with projection")
+        return self
 
 
 def run(cfg: Config, ctx) -> dict:
@@ -66,7 +80,7 @@ def run(cfg: Config, ctx) -> dict:
     if cfg.projection is None:
         io.write_json(ctx.dir / "similarities.json", similarity.similarity_json(dots, pairs.p_ids, pairs.o_ids))
         return {**similarity.summary(dots, pairs.p_ids, pairs.o_ids), "dims": int(sum(dots.tensors.values())),
-                **timing}
+                **pairs_.method_metrics(cfg, dots), **timing}
 
     out, metrics = {}, {}
     for label, total in totals.items():
@@ -77,5 +91,7 @@ def run(cfg: Config, ctx) -> dict:
         metrics |= {f"accuracy_{label}": s["accuracy"], f"mean_max_cosine_{label}": s["mean_max_cosine"],
                     f"median_max_cosine_{label}": s["median_max_cosine"], f"dims_{label}": total,
                     f"dims_used_{label}": int(sum(part.tensors.values()))}
+        if cfg.projection.projector == "factored":
+            metrics[f"factored_tensors_{label}"] = sum(m == "factored" for m in part.methods.values())
     io.write_json(ctx.dir / "similarities.json", dict(sorted(out.items())))  # the source sorted the keys as text
     return {**metrics, **timing}

@@ -33,7 +33,8 @@ Deliberate differences from the source:
   GPT-NeoX adds none, so the ids are the same for Pythia.
 - Environment, DeepSpeed 0.19 (the source ran 0.8.3, `requirements.txt`): WarmupLR runs the first optimizer
   step at lr 0 (0.8.3 ran it at the full lr: step 1 of about 618); ZeRO reduces bf16 gradients in bf16 (0.8.3
-  in fp16); the DeepSpeed optimizer is torch's AdamW (`torch_adam`), the same update as the FusedAdam the
+  in fp16); the bf16 cast leaves float32 buffers (GPT-NeoX's rotary inv_freq) in float32 (0.8.3 cast the whole
+  module); the DeepSpeed optimizer is torch's AdamW (`torch_adam`), the same update as the FusedAdam the
   source got, because FusedAdam and DeepSpeedCPUAdam are built from C++/CUDA sources at first use and the
   images carry no compiler.
 - Environment, transformers 5: the loss is computed on logits upcast to float32; the embedding resize uses
@@ -334,7 +335,7 @@ def run(cfg: Config, ctx) -> dict:
         # resume does not map back, leaving lm_head at its initial values; from_pretrained maps them.
         model.load_state_dict(type(model).from_pretrained(checkpoint, dtype=model.dtype).state_dict())
     memory.reset_peak()
-    with oom.guard(ctx.dir, t.memory_cap_mb, model, log=ctx.log):
+    with oom.guard(ctx.dir, t.memory_cap_mb, model, record=cfg.expect == "oom", log=ctx.log):
         result = trainer.train(resume_from_checkpoint=checkpoint)
         eval_metrics = trainer.evaluate()
 

@@ -43,9 +43,8 @@ import io as io_
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from llmrepro.core import io
@@ -53,6 +52,9 @@ from llmrepro.core.config import RecipeConfig, RunRef, Strict
 from llmrepro.core.errors import UserError
 from llmrepro.gradients import similarity
 from llmrepro.gradients.similarity import ATTENTION, MLP, DotProducts
+
+if TYPE_CHECKING:
+    import numpy as np
 
 EPS = 1e-12  # the notebook's
 
@@ -169,6 +171,8 @@ def short_name(name: str) -> str:
 def greedy_by_similarity(po, pp, oo, full, sizes, names) -> list[dict]:
     """Cell 11: each round adds the tensor whose accumulated dot products give similarities (0 where a norm
     is 0) with the highest uncentred cosine to the full ones (+1e-12 on the norms); ties: model order."""
+    import numpy as np
+
     s_po, s_pp, s_oo = (np.zeros(len(po)) for _ in range(3))
     remaining, steps, used = list(range(len(names))), [], 0.0
     full_norm = np.linalg.norm(full) + EPS
@@ -190,6 +194,8 @@ def greedy_by_similarity(po, pp, oo, full, sizes, names) -> list[dict]:
 def accuracy_from_sums(po, pp, oo, truth) -> np.ndarray:
     """Cell 18 on accumulated dot products (n_pairs, R): per variant the first candidate with the highest
     similarity above -1 (-inf where sqrt(D_pp D_oo) <= 1e-12); variants with none are left out."""
+    import numpy as np
+
     denom = np.sqrt(pp * oo)
     with np.errstate(divide="ignore", invalid="ignore"):
         sim = np.where(denom <= EPS, -np.inf, po / np.maximum(denom, EPS))
@@ -203,6 +209,8 @@ def accuracy_from_sums(po, pp, oo, truth) -> np.ndarray:
 def greedy_by_accuracy(po, pp, oo, truth, sizes, names) -> list[dict]:
     """Cells 18-19: each round adds the tensor whose accumulated dot products give the highest accuracy;
     ties: model order."""
+    import numpy as np
+
     s_po, s_pp, s_oo = (np.zeros(len(po)) for _ in range(3))
     remaining, steps, used = list(range(len(names))), [], 0.0
     while remaining:
@@ -219,6 +227,7 @@ def greedy_by_accuracy(po, pp, oo, truth, sizes, names) -> list[dict]:
 
 
 def correlations(per: np.ndarray, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
     from scipy import stats
 
     pearson, spearman = [], []
@@ -233,6 +242,8 @@ def projection_points(projected: dict[str, tuple[int, dict]], keys, p_ids, o_ids
                       num_params: int) -> dict[str, dict]:
     """Per projection: its accuracy, the uncentred cosine of its similarities with the full ones (cell 10),
     and its dimension as a percentage of the parameters."""
+    import numpy as np
+
     out = {}
     for label, (dim, sims) in projected.items():
         try:
@@ -248,6 +259,8 @@ def projection_points(projected: dict[str, tuple[int, dict]], keys, p_ids, o_ids
 
 def analyse(dots: DotProducts, p_ids: list[str], o_ids: list[str], projected: dict | None = None,
             divergent: int = 3) -> dict:
+    import numpy as np
+
     names = list(dots.tensors)
     sizes = np.array([dots.tensors[n] for n in names], dtype=np.float64)
     comps = [similarity.component(n) for n in names]
@@ -394,6 +407,7 @@ def per_tensor_csv(result: dict, compared: dict | None) -> str:
 
 def plot(result: dict, out: Path) -> list[str]:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

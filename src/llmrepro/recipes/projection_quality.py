@@ -44,9 +44,8 @@ Deliberate differences from the source:
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from llmrepro.core import io
@@ -55,6 +54,9 @@ from llmrepro.core.errors import UserError
 from llmrepro.gradients import store
 from llmrepro.gradients.projection import Projection
 from llmrepro.gradients.ranking import CHUNK_ROWS, Ranking, fixed_order, rank, score
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SOURCE_METRICS = ("kendall", "spearman", "ndcg")  # the notebook's, in its permutation-test order
 FUNCTIONS = ("dot", "cosine")
@@ -99,6 +101,8 @@ class Config(RecipeConfig):
 def ndcg_at_k(rank_b: np.ndarray, k: int) -> float:
     """NDCG@k of ranking b against ranking a, for items listed in a's order (rank_b[i]: b's rank of a's i-th):
     a's top k are graded k, k-1, ..., 1, and b's top k are scored with them (1: same top k, same order)."""
+    import numpy as np
+
     k = min(k, len(rank_b))
     relevance = np.zeros(len(rank_b))
     relevance[:k] = np.arange(k, 0, -1)
@@ -109,6 +113,7 @@ def ndcg_at_k(rank_b: np.ndarray, k: int) -> float:
 def rank_agreement(order_a: list[int], order_b: list[int], k: int) -> dict[str, float]:
     """The notebook's `compute_metric` for one test sample: a's list positions 0..n-1 against the positions of
     the same items in b; plus NDCG@k."""
+    import numpy as np
     from scipy import stats
     from sklearn.metrics import ndcg_score
 
@@ -137,6 +142,8 @@ def median_permutation_tests(groups: list[dict[str, list[float]]], permutations:
     """The notebook's `perform_median_tests`: for each metric, then each pair of consecutive groups, the share
     of `permutations` random splits of the pooled values whose |median difference| reaches the observed one.
     One generator for the whole panel, used in that order."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     out = {}
     for metric in SOURCE_METRICS:
@@ -217,6 +224,8 @@ def project_rows(projector, grads, rows: int = 256):
 # ------------------------------------------------------------------------------------------ the recipe
 
 def run(cfg: Config, ctx) -> dict:
+    import numpy as np
+
     from llmrepro.lm import data
     from llmrepro.lm.data import DataConfig
 
@@ -290,6 +299,8 @@ def run(cfg: Config, ctx) -> dict:
 
 def metric_table(per, panels, p_values, spread, summary, dot_vs_cos, k) -> dict:
     """The scalar metrics: medians per panel and dimension, p-values, cross medians, spreads, dot vs cosine."""
+    import numpy as np
+
     med = lambda values: float(np.median(values))  # noqa: E731
     out = {}
     for (f, t), dims in panels.items():
@@ -317,11 +328,15 @@ def metric_table(per, panels, p_values, spread, summary, dot_vs_cos, k) -> dict:
 # ------------------------------------------------------------------------------------------ report, plots
 
 def _fmt(values) -> str:
+    import numpy as np
+
     q1, q2, q3 = np.percentile(values, [25, 50, 75])
     return f"{q2:.3f} [{q1:.3f}, {q3:.3f}]"
 
 
 def report(cfg, per, panels, p_values, spread, summary, dot_vs_cos, n_test: int, n_train: int) -> str:
+    import numpy as np
+
     k = cfg.ndcg_k
     lines = [f"# Projected vs full gradient rankings ({n_test} test x {n_train} train samples, ranking: "
              f"{cfg.ranking}, excluded: {', '.join(cfg.exclude_ids) or 'none'})", "",
@@ -397,6 +412,7 @@ def plot_panels(per, panels, p_values, titles: dict, path, title: str) -> None:
 def plot_histograms(dot_vs_cos: dict, path) -> None:
     """Cell 19: histograms of the per-test Spearman rho between cosine and dot rankings, one per gradient set."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from llmrepro.core import io
 from llmrepro.representations import hooks
+
+if TYPE_CHECKING:
+    pass
 
 
 class LastTokenCapture:
@@ -87,6 +89,8 @@ class NpyWriter:
     process' memory does not grow with the file (a memory map's dirty pages would count as resident)."""
 
     def __init__(self, path: Path, shape: tuple, resume: bool = False):
+        import numpy as np
+
         if not (resume and path.is_file()):
             np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)  # header + sparse data
         self.row_bytes = int(np.prod(shape[1:])) * 2
@@ -94,6 +98,8 @@ class NpyWriter:
         self.fd = os.open(path, os.O_WRONLY)
 
     def write(self, start: int, rows) -> None:
+        import numpy as np
+
         os.pwrite(self.fd, np.ascontiguousarray(rows, dtype=np.float16).tobytes(), self.offset + start * self.row_bytes)
 
     def sync(self) -> None:
@@ -124,6 +130,8 @@ def _batch(ids: list[list[int]], pad_id: int):
 def cache(model, tok, statements: list[str], labels, groups, out_dir: Path, batch_size: int = 16,
           heads: bool = True, resid: bool = True, progress=None, resume: bool = False) -> dict:
     """Write the activations of `statements` under `out_dir` (see the module docstring); returns their shapes."""
+    import numpy as np
+
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     n_layers, (n_heads, head_dim) = len(hooks.decoder_layers(model)), hooks.head_shape(model)
@@ -161,6 +169,8 @@ def cache(model, tok, statements: list[str], labels, groups, out_dir: Path, batc
 
 def load(run_dir: Path, dataset: str, kind: str = "heads", mmap: bool = True):
     """(activations, labels, groups) of one dataset of a cache-activations run."""
+    import numpy as np
+
     d = Path(run_dir) / "activations" / dataset
     acts = np.load(d / f"{kind}.npy", mmap_mode="r" if mmap else None)
     return acts, np.load(d / "labels.npy").astype(np.int64), np.load(d / "groups.npy")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from llmrepro.representations import hooks
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Intervention:
 
     def shifts(self, n_heads: int, head_dim: int) -> dict[int, np.ndarray]:
         """layer -> the (H*d,) vector added to that layer's o_proj input."""
+        import numpy as np
+
         out: dict[int, np.ndarray] = {}
         for (layer, head), u, s in zip(self.heads, self.directions, self.sigmas, strict=True):
             vec = out.setdefault(layer, np.zeros(n_heads * head_dim, dtype=np.float64))
@@ -37,11 +41,15 @@ class Intervention:
         return out
 
     def save(self, path: Path) -> None:
+        import numpy as np
+
         np.savez(path, heads=np.asarray(self.heads, dtype=np.int64).reshape(-1, 2), directions=self.directions,
                  sigmas=self.sigmas, alpha=np.float64(self.alpha))
 
     @classmethod
     def load(cls, path: Path) -> Intervention:
+        import numpy as np
+
         z = np.load(path)
         return cls([tuple(int(v) for v in h) for h in z["heads"]], z["directions"], z["sigmas"], float(z["alpha"]))
 

@@ -22,9 +22,11 @@ head ranking (answers to one question fall into both train and test folds).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
 
 CVKind = Literal["grouped", "ungrouped"]
 
@@ -37,6 +39,8 @@ def _sklearn():
 
 def pinv_hermitian(a: np.ndarray, atol: float) -> np.ndarray:
     """torch.linalg.pinv(a, hermitian=True, atol=atol) in numpy: eigenvalues with |w| <= atol are dropped."""
+    import numpy as np
+
     w, v = np.linalg.eigh(a)
     keep = np.abs(w) > atol
     return (v[:, keep] / w[keep]) @ v[:, keep].T
@@ -44,6 +48,8 @@ def pinv_hermitian(a: np.ndarray, atol: float) -> np.ndarray:
 
 def _make_classes():
     """The two mass-mean estimators, defined on first use (sklearn is not imported with this module)."""
+    import numpy as np
+
     BaseEstimator, ClassifierMixin = _sklearn()
 
     class MassMean(ClassifierMixin, BaseEstimator):
@@ -176,6 +182,8 @@ def cv_splitter(kind: CVKind, n_splits: int = 5, seed: int = 0):
 def cross_val_accuracy(X, y, groups, probe: str, kind: CVKind = "grouped", n_splits: int = 5, seed: int = 0,
                        splits=None) -> np.ndarray:
     """Test accuracy of `probe` on each fold (fit on the other folds)."""
+    import numpy as np
+
     X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
     splits = splits if splits is not None else list(cv_splitter(kind, n_splits, seed).split(X, y, groups))
     accs = []
@@ -187,6 +195,8 @@ def cross_val_accuracy(X, y, groups, probe: str, kind: CVKind = "grouped", n_spl
 
 def train_test_accuracy(X_train, y_train, X_test, y_test, probe: str, seed: int = 0) -> tuple[float, np.ndarray]:
     """(accuracy, per-row correctness) of `probe` fit on one set and tested on another (OOD)."""
+    import numpy as np
+
     clf = PROBES[probe](seed).fit(np.asarray(X_train, dtype=np.float32), np.asarray(y_train))
     correct = clf.predict(np.asarray(X_test, dtype=np.float32)) == np.asarray(y_test)
     return float(correct.mean()), correct
@@ -195,6 +205,8 @@ def train_test_accuracy(X_train, y_train, X_test, y_test, probe: str, seed: int 
 def rank_heads(acts, y, groups=None, kind: CVKind = "ungrouped", n_splits: int = 5, seed: int = 0,
                progress=None) -> np.ndarray:
     """[L, H] mean CV accuracy of the thesis' mass-mean probe on each head's activations (acts [N, L, H, d])."""
+    import numpy as np
+
     y = np.asarray(y)
     n, n_layers, n_heads, _ = acts.shape
     splits = list(cv_splitter(kind, n_splits, seed).split(np.zeros(n), y, groups))
@@ -209,6 +221,8 @@ def rank_heads(acts, y, groups=None, kind: CVKind = "ungrouped", n_splits: int =
 
 def ranked_heads(acc: np.ndarray) -> list[tuple[int, int]]:
     """Heads best first. Ties keep GridSearchCV's parameter order (head outer, layer inner: its keys are sorted)."""
+    import numpy as np
+
     n_layers, n_heads = acc.shape
     order = [(layer, head) for head in range(n_heads) for layer in range(n_layers)]
     scores = np.array([acc[layer, head] for layer, head in order])

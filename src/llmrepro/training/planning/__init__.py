@@ -1,7 +1,12 @@
-"""Memory planning: the peak memory per device of an experiment as configured, predicted offline, before a job
-is queued; and out-of-memory failures recorded instead of lost.
+"""Memory planning: the peak memory per device of an experiment as configured, predicted offline before a job is
+queued (`llmrepro plan`, `invoke slurm`); and out-of-memory failures recorded instead of lost.
 
-    tracker    MemTracker (torch) reduced to global and per-phase accounting
-    measure    one step under FakeTensorMode: the real model code, no allocation, depth-extrapolated
-    oom        memory caps, OOM detection and memory snapshots for runs
+    api           the plan of an experiment: offline model config, verdict, the smallest change that fits
+    workloads     what each recipe runs on a device (model, step, batch, length, precision, DeepSpeed)
+    measure       one step under FakeTensorMode: the real model code, nothing allocated, depth-extrapolated
+    tracker       torch's MemTracker reduced to global and per-phase accounting (and a CPU memory cap)
+    estimate      the measured step composed with ZeRO partitioning, offload, DDP, quantization, the reserve
+    oom           memory caps, OOM snapshots, the outcome's figures
+    allocator     what the allocator really handed out (the benchmark's and tests' measured peaks)
+    architectures.json  the catalog's hub models' configs, for planning without the hub
 """

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from llmrepro.core.errors import UserError
 from llmrepro.training.planning import estimate as est
-from llmrepro.training.planning.estimate import GiB, Estimate
-from llmrepro.training.planning.workloads import Workload, workload
+from llmrepro.training.planning.estimate import Estimate, GiB
+from llmrepro.training.planning.workloads import Workload, model_of, workload
 
 ARCHITECTURES = Path(__file__).with_name("architectures.json")
 LENGTH_SETTINGS = ("n_positions", "max_position_embeddings", "seq_length")  # as instruct-sft's max length
@@ -145,10 +145,7 @@ def plan_params(experiment: str, recipe: str, params: dict, profile: str | None,
                 gpu_mem_gib: float | None = None, search: bool = True, available: int | None = None) -> Plan:
     """The plan of a recipe's validated parameters on the given (or the experiment's) devices; `available`
     replaces the device memory (a CPU job's share of its allocation)."""
-    model = (params.get("model") if isinstance(params.get("model"), dict) else None)
-    from llmrepro.training.planning.workloads import model_of
-
-    model = model_of(params) or model
+    model = model_of(params)
     config, source = model_config(model) if model else ({}, "no model")
     w = workload(recipe, params, max_length_of(config))
     if gpus is None:

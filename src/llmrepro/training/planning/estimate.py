@@ -7,8 +7,8 @@ Per device, for ZeRO stage s over N ranks, P parameters (Pt trainable), 16-bit c
     gradients    as measured, full (s < 2); or 2Pt/N + the reduce buckets (s >= 2)
     optimizer    fp32 master weights 4Pt and Adam's two moments 8Pt, divided by N for s >= 1; on the host with
                  offload_optimizer
-    update       at the optimizer step the fp32 gradients of the partition (4Pt/N) and, with torch's AdamW, one
-                 foreach temporary per sub-group
+    update       at the optimizer step the fp32 gradients of the partition (4Pt/N) and, with a foreach AdamW
+                 (DeepSpeed's own optimizer block with torch_adam), one temporary per sub-group
 These are DeepSpeed's own accounting (`estimate_zero{2,3}_model_states_mem_needs`) plus the step's activations
 and temporaries, which the estimators leave out. Without DeepSpeed the measured step is the whole story; with
 several devices DDP adds its gradient buckets (a second copy of the gradients).
@@ -109,7 +109,7 @@ def _zero_phase(phase: str, v: dict, w: Workload, mem: StepMemory, n: int, hidde
     temporary = v["temporary"] + v.get("buffers", 0) + v.get("other", 0)
     if phase == "update":
         update = 4 * trainable // share  # the fp32 gradients of the partition at the step
-        if z.torch_adam or not z.deepspeed_optimizer:
+        if w.optimizer_impl == "foreach":
             update += 4 * int(min(trainable // share, z.sub_group_size))  # a foreach temporary per sub-group
         temporary += 0 if z.offload_optimizer else update
     host = (master_adam + 4 * trainable // share) if z.offload_optimizer else 0

@@ -22,8 +22,6 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-PHASES = ("forward", "backward:first", "backward:middle", "backward:last", "update")  # tracker.StepTracker's
-
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN_DEPTH = 4  # models at most this deep are measured directly
 
@@ -295,6 +293,8 @@ def measure(step: Step) -> StepMemory:
 
 
 def _measure(step: Step) -> StepMemory:
+    from llmrepro.training.planning.tracker import PHASES
+
     cfg = _config(step)
     depth = cfg.num_hidden_layers
     if depth <= MIN_DEPTH or not _homogeneous(cfg, step):

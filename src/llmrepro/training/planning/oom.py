@@ -65,6 +65,11 @@ def write_snapshot(run_dir: Path, err: BaseException, cap_mb: float | None, trac
                                                 for size, ref in live[:20]]}
     path = run_dir / f"{SNAPSHOT}.json"
     io.write_json(path, summary)
+    # the outcome's figures, where a finished run keeps its metrics (the run itself stays incomplete: status oom)
+    requested = summary["requested_bytes"]
+    before = tracker.current()["total"] - (requested or 0) if tracker is not None else None
+    io.write_json(run_dir / "metrics.json", {"outcome": "oom", "cap_mb": cap_mb, "requested_bytes": requested,
+                                             "allocated_bytes_before": before, "phase": summary.get("phase")})
     return path
 
 

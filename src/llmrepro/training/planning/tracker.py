@@ -33,7 +33,7 @@ CATEGORIES = {  # MemTracker's category -> ours
     _MemRefType.ACT: "activations", _MemRefType.TEMP: "temporary", _MemRefType.OPT: "optimizer",
     _MemRefType.OTH: "other",
 }
-from llmrepro.training.planning.measure import PHASES  # noqa: E402,F401  (one list, measure.py's)
+PHASES = ("forward", "backward:first", "backward:middle", "backward:last", "update")
 
 
 def as_categories(snapshot: dict) -> dict[str, int]:
