@@ -9,8 +9,8 @@ built-in SmolLM2-135M-Instruct and the real geometry-of-truth cities statements,
   `tokenizer.encode(statement, return_tensors='pt')` and one forward per statement (that notebook has no no_grad;
   `--no-grad-loop` adds the same loop under torch.no_grad, as the ITI notebooks' copy), then the stack, reshape and
   transpose to [N, L, H, d]; on the first `--source-n` cities statements (its statements/s do not depend on N).
-- ours: `representations.activations.cache` (right-padded batches, last real token gathered in the hook, rows
-  written straight into the .npy files), heads and residual stream, at N = 1496/4 and 4N = all 1496 cities
+- ours: `representations.activations.cache` (right-padded batches, the backbone run without its LM head, last real
+  token gathered in the hook, rows written straight into the .npy files), heads and residual stream, at N = 1496/4 and 4N = all 1496 cities
   statements: throughput from the N run; memory growth = the peak resident memory above the post-load level, at 4N
   over at N (flat = 1.0).
 Both produce the same activations (checked on the source's rows, float16 tolerance). The 4N run's residual streams

@@ -73,8 +73,11 @@ class LastTokenCapture:
         n_layers = len(hooks.decoder_layers(self.model))
         self.heads, self.resid = [None] * n_layers, [None] * n_layers
         self.last = attention_mask.sum(-1) - 1
-        with torch.no_grad():
-            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        # the backbone without its LM head: the hooks see the same modules, and the (B, T, vocab) logits, a fifth
+        # of a small model's work (SmolLM2: 49,152 x 576), are never read
+        backbone = getattr(self.model, "base_model", self.model)
+        with torch.inference_mode():
+            backbone(input_ids=input_ids, attention_mask=attention_mask)
         heads = resid = None
         if self.want_heads:
             heads = torch.stack(self.heads, 1)  # (B, L, H*d)
