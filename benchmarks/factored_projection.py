@@ -43,20 +43,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TINY = {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1024, "num_attention_heads": 6,
-        "num_key_value_heads": 2}
+from gradient_similarity import TINY, original  # noqa: E402  (the same model and synthetic rows)
 
 
 def row(i: int) -> dict:
-    """Synthetic LIMA-like row i: a question and a ~20-fact answer (at least 128 tokens with the chat markup)."""
-    from llmrepro.lm.fixtures.facts import CAPITALS
-
-    city, country = CAPITALS[i % len(CAPITALS)]
-    facts = [f"{c} is the capital of {k}." for c, k in CAPITALS]
-    answer = " ".join(facts[(i * 7 + j) % len(facts)] for j in range(20))
-    return {"id": f"lima_{i}", "dataset": "lima", "messages": [
-        {"role": "user", "content": f"Question {i}: what do you know about {city} and {country}?"},
-        {"role": "assistant", "content": answer}]}
+    """Synthetic LIMA-like row i with a ~20-fact answer (at least 128 tokens with the chat markup)."""
+    return original(i, facts=20)
 
 
 class CpuTimer:

@@ -65,13 +65,14 @@ PUBLISHED = (Path(__file__).resolve().parents[2] / "shared" / "data" / "referenc
              / "gradient_similarity" / "paraphrased" / "amd" / "AMD-OLMo-1B-SFT" / "sample_size_full.json")
 
 
-def original(i: int) -> dict:
-    """Synthetic LIMA-like row number i: a question and a ~120-token answer built from the fact tables."""
+def original(i: int, facts: int = 12) -> dict:
+    """Synthetic LIMA-like row number i: a question and an answer of `facts` facts (12: ~120 tokens) from the
+    fact tables."""
     from llmrepro.lm.fixtures.facts import CAPITALS
 
     city, country = CAPITALS[i % len(CAPITALS)]
-    facts = [f"{c} is the capital of {k}." for c, k in CAPITALS]
-    answer = " ".join(facts[(i * 7 + j) % len(facts)] for j in range(12))
+    table = [f"{c} is the capital of {k}." for c, k in CAPITALS]
+    answer = " ".join(table[(i * 7 + j) % len(table)] for j in range(facts))
     return {"id": f"lima_{i}", "dataset": "lima", "messages": [
         {"role": "user", "content": f"Question {i}: what do you know about {city} and {country}?"},
         {"role": "assistant", "content": answer}]}

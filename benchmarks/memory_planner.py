@@ -58,7 +58,7 @@ def measure(c: dict) -> int:
     from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
     from llmrepro.lm.templates import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL
     from llmrepro.recipes.instruct_sft import DEEPSPEED_CONFIGS, CompletionOnlyCollator, dolly_trainer
-    from llmrepro.training.planning import allocator
+    from llmrepro.training import memory
 
     if c.get("zero2"):  # DeepSpeed on CPU: gloo collectives, no JIT-compiled shared-memory op
         import deepspeed.ops
@@ -91,7 +91,7 @@ def measure(c: dict) -> int:
         trainer.train()
         assert bool(c.get("zero2")) == (trainer.accelerator.distributed_type == "DEEPSPEED")
 
-    peak, _ = allocator.peak_allocated(steps)
+    peak, _ = memory.peak_allocated(steps)
     if c.get("zero2"):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

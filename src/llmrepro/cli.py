@@ -110,7 +110,7 @@ def cmd_smoke(args) -> int:
         spec = catalog.load(name).run_spec("smoke", args.overrides)
         final = io.output_root(args.output_dir) / name / spec.default_run_id
         start = time.perf_counter()
-        expect_oom = getattr(spec.cfg, "expect", None) == "oom"  # the OOM reproduction: status oom is its outcome
+        expect_oom = runs.expects_oom(spec)
         try:
             if (final / "metrics.json").is_file() and not args.force:
                 status = "reused"

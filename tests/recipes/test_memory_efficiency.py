@@ -130,7 +130,9 @@ def test_completion_mask_matches_trls_token_search(template, model, special, pad
 
 def test_percentile_bootstrap_as_the_notebook():
     values = [1.0, 1.5, 0.5, 2.0, 1.25, 0.75, 3.0]
-    low, high = me.percentile_bootstrap(values, resamples=2000, confidence=0.95, seed=7)
+    from llmrepro.lm import mc  # what the time test uses
+
+    low, high = mc.bootstrap_ci(values, alpha=0.05, k=2000, seed=7)
     draws = np.random.default_rng(7).choice(np.array(values), (2000, len(values)), replace=True)
     means = sorted(sum(row) / len(row) for row in draws.tolist())
     assert (low, high) == pytest.approx((means[50], means[1950]))  # floor(2000 * .025), ceil(2000 * .975)

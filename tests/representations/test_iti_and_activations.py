@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmrepro.lm import layers as lm_layers
 from llmrepro.lm.models import ModelConfig, load_model, load_tokenizer
 from llmrepro.representations import activations, hooks
 from llmrepro.representations.iti import Intervention, intervene
@@ -72,13 +73,13 @@ def test_cached_activations_equal_the_one_at_a_time_loop(tiny, tmp_path):
     heads = np.load(tmp_path / "heads.npy")
     resid = np.load(tmp_path / "resid.npy")
     n_heads, d = hooks.head_shape(model)
-    layers = hooks.decoder_layers(model)
+    layers = lm_layers.decoder_layers(model)
     assert heads.shape == (3, len(layers), n_heads, d) and heads.dtype == np.float16
     for i, s in enumerate(statements):  # the thesis' loop: tokenizer.encode, batch 1, input[0][..., -1, :]
         ids = torch.tensor([tok.encode(s)])
         got = o_proj_inputs(model, ids)
         out = {}
-        hs = [layer.register_forward_hook(lambda m, a, o, j=j, out=out: out.__setitem__(j, hooks.layer_output(o)))
+        hs = [layer.register_forward_hook(lambda m, a, o, j=j, out=out: out.__setitem__(j, lm_layers.layer_output(o)))
               for j, layer in enumerate(layers)]
         with torch.no_grad():
             model(input_ids=ids)
@@ -89,8 +90,3 @@ def test_cached_activations_equal_the_one_at_a_time_loop(tiny, tmp_path):
             assert np.allclose(heads[i, j], want, atol=2e-3)
             assert np.allclose(resid[i, j], out[j][0, -1].numpy().astype(np.float16), atol=2e-3)
     assert np.load(tmp_path / "labels.npy").tolist() == [1, 1, 0]
-
-
-def test_layer_output_takes_a_tensor_or_a_tuple():
-    t = torch.ones(2, 3)
-    assert hooks.layer_output(t) is t and hooks.layer_output((t, None)) is t

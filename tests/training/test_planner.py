@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmrepro.core import catalog
-from llmrepro.training.planning import allocator, api, estimate, measure
+from llmrepro.training import memory
+from llmrepro.training.planning import api, estimate, measure
 from llmrepro.training.planning.workloads import model_of, workload
 
 WIDE = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 512}  # tiny-pythia, a little larger
@@ -46,7 +47,7 @@ def test_fake_step_predicts_the_allocators_peak(checkpointing, lora):
     """Predicted (FakeTensorMode + MemTracker) vs measured (the CPU allocator's own accounting) peak bytes."""
     step = measure.Step(config=_tiny(), batch=4, seq=128, checkpointing=checkpointing, lora=lora)
     predicted = measure.measure(step).peak()["total"]
-    measured, _ = allocator.peak_allocated(_real_step, step.config, step)
+    measured, _ = memory.peak_allocated(_real_step, step.config, step)
     assert predicted == pytest.approx(measured, rel=0.005)
 
 

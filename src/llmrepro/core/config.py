@@ -7,13 +7,13 @@ Every error names the key path (`params.model.dtype: ...`) and all of them are r
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from llmrepro.core import io
 from llmrepro.core.errors import UserError
 
 
@@ -129,7 +129,7 @@ def validate(schema: type[BaseModel], params: dict, where: str) -> BaseModel:
 
 def config_hash(recipe: str, params: dict) -> str:
     blob = json.dumps({"recipe": recipe, "params": params}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return io.sha256_text(blob)
 
 
 def walk(value, kind: type):

@@ -50,6 +50,16 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def read_user_json(path: Path, what: str):
+    """A JSON file the user named: its data, or one line `<path>: <what> (<why>)` (exit code 2)."""
+    from llmrepro.core.errors import UserError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: {what} ({err})") from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -102,17 +112,22 @@ def git_state(repo: str | Path = ".", untracked: bool = False) -> tuple[str | No
     return commit, bool(git(repo, "status", "--porcelain", f"--untracked-files={'normal' if untracked else 'no'}"))
 
 
+def csv_text(header: list[str], rows) -> str:
+    """CSV (`\\n` line ends) of `header` and `rows`, values written as Python writes them (None as empty)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def table(rows: list[list], header: list[str], fmt: str = "text") -> str:
     """Rows as an aligned text table, a markdown table, CSV or JSON (a list of objects)."""
     cells = [[_cell(x) for x in row] for row in rows]
     if fmt == "json":
         return json.dumps(finite([dict(zip(header, row, strict=True)) for row in rows]), indent=2, default=str)
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(cells)
-        return buf.getvalue().rstrip("\n")
+        return csv_text(header, cells).rstrip("\n")
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells])

@@ -8,7 +8,6 @@ locks come from one resolution and differ only in torch's build and the CUDA lib
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -100,7 +99,7 @@ def stack() -> dict:
     installed = {normalise(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
     pins = lock_pins(text)
     shown = lock.relative_to(SOURCE_ROOT) if lock.is_relative_to(SOURCE_ROOT) else lock
-    record.update(lock=str(shown), lock_sha256=hashlib.sha256(text.encode()).hexdigest(), pins=pins,
+    record.update(lock=str(shown), lock_sha256=io.sha256_text(text), pins=pins,
                   drift=lock_drift(pins, installed))
     return record
 

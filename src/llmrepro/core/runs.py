@@ -38,6 +38,11 @@ def is_out_of_memory(err: BaseException) -> bool:
             or "DefaultCPUAllocator: can't allocate memory" in str(err))
 
 
+def expects_oom(spec: RunSpec) -> bool:
+    """An out-of-memory reproduction (`expect: oom`): a run that ends with status oom has its expected outcome."""
+    return getattr(spec.cfg, "expect", None) == "oom"
+
+
 class OutOfMemory(UserError):
     """A run that ran out of memory: its manifest says status oom, its directory (`run_dir`) is kept (exit code 3)."""
 

@@ -18,11 +18,11 @@ Source file layouts read and written here (all `{id: ...}` objects keep candidat
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmrepro.core import io
 from llmrepro.core.errors import UserError
 from llmrepro.gradients.dot_products import DotProducts
 
@@ -244,10 +244,7 @@ def read_source_dot_products(paths: list[str | Path], sizes: dict[str, int]) -> 
     for name, parts in files.items():
         merged: dict = {}
         for f in parts:
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise UserError(f"{f}: not a JSON file ({err})") from None
+            data = io.read_user_json(f, "not a JSON file")
             if not isinstance(data, dict):
                 raise UserError(f"{f}: expected an object of ids")
             if name == "original_dot_products":
@@ -288,10 +285,7 @@ def read_similarities(path: str | Path) -> dict:
     """A similarities JSON (ours or the source's `sample_size_full.json`), checked: `{p: {o: float}}`, or that
     nested under projection dimensions."""
     p = Path(path).expanduser()
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{p}: not a similarities file ({err})") from None
+    data = io.read_user_json(p, "not a similarities file")
     groups = data.values() if is_projected(data) else [data]
     for group in groups:
         if not isinstance(group, dict) or not all(isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())

@@ -23,7 +23,6 @@ the job inherits them from the submitting shell (and `.env`), apptainer receives
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -100,7 +99,7 @@ def render(exp: catalog.Experiment, opts: Options) -> list[Script]:
         raise UserError("array tasks run one process on one node; drop --nodes/--procs-per-node or --array")
     tasks = [[*overrides, *_as_overrides(t)] for t in exp.spec.array.task_overrides(opts.profile)]
     ids = [_run_id(exp, opts.profile, t) for t in tasks]
-    name = f"{opts.profile or 'default'}-array-{hashlib.sha256(' '.join(ids).encode()).hexdigest()[:10]}"
+    name = f"{opts.profile or 'default'}-array-{io.sha256_text(' '.join(ids))[:10]}"
     cases = [f"    {i}) RUN_ID={rid}; TASK=({shlex.join(t[len(overrides):])}) ;;" for i, (rid, t) in enumerate(zip(ids, tasks, strict=True))]
     array = ['case "$SLURM_ARRAY_TASK_ID" in', *cases, "esac",
              *job.run_block("$RUN_ID", [*overrides, _Raw('"${TASK[@]}"')])]

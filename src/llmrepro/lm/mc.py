@@ -406,16 +406,22 @@ def thesis_sequences(tok, item: MCItem, opts: ThesisOptions) -> list[tuple[list[
     return out
 
 
-def score_thesis(model, tok, items: list[MCItem], opts: ScoringOptions, progress=iter) -> list[dict]:
+def per_item_logprobs(model, items: list[MCItem], sequences: Callable, batch_size: int) -> list[list[float]]:
+    """Each item's `sequences(item)` ([(ids, prompt length)], one per choice) scored in one batched pass over all
+    items, split back per item."""
     seqs, spans = [], []
     for it in items:
-        s = thesis_sequences(tok, it, opts.thesis)
+        s = sequences(it)
         spans.append((len(seqs), len(s)))
         seqs += s
-    lps = sequence_logprobs(model, seqs, opts.batch_size)
+    lps = sequence_logprobs(model, seqs, batch_size)
+    return [lps[a: a + n] for a, n in spans]
+
+
+def score_thesis(model, tok, items: list[MCItem], opts: ScoringOptions, progress=iter) -> list[dict]:
+    per_item = per_item_logprobs(model, items, lambda it: thesis_sequences(tok, it, opts.thesis), opts.batch_size)
     out = []
-    for it, (a, n) in zip(progress(items), spans, strict=True):
-        scores = lps[a: a + n]
+    for it, scores in zip(progress(items), per_item, strict=True):
         m = mc_metrics(scores, it.labels, _best_index(it))
         out.append({"p_true": m["mc2"], "mc1": m["mc1"], "correct": float(m["mc2"] > 0.5), "scores": scores})
     return out
@@ -434,15 +440,10 @@ def honest_llama_sequences(tok, question: str, answers: list[str], opts: HonestL
 
 
 def score_honest_llama(model, tok, items: list[MCItem], opts: ScoringOptions, progress=iter) -> list[dict]:
-    seqs, spans = [], []
-    for it in items:
-        s = honest_llama_sequences(tok, it.question, it.choices, opts.honest_llama)
-        spans.append((len(seqs), len(s)))
-        seqs += s
-    lps = sequence_logprobs(model, seqs, opts.batch_size)
+    per_item = per_item_logprobs(model, items, lambda it: honest_llama_sequences(tok, it.question, it.choices,
+                                                                               opts.honest_llama), opts.batch_size)
     out = []
-    for it, (a, n) in zip(progress(items), spans, strict=True):
-        scores = lps[a: a + n]
+    for it, scores in zip(progress(items), per_item, strict=True):
         best = _best_index(it)
         if best is None:
             raise UserError(f"question '{it.question[:50]}': its best answer is not among its true choices")
@@ -492,22 +493,19 @@ def score_numbered(model, tok, items: list[MCItem], opts: ScoringOptions, progre
 
 def score_completion(model, tok, items: list[MCItem], opts: ScoringOptions, progress=iter) -> list[dict]:
     o = opts.completion
-    seqs, spans = [], []
-    for it in items:
+
+    def sequences(it: MCItem) -> list[tuple[list[int], int]]:
         if o.chat_template:
-            prompt = tok.apply_chat_template([{"role": "user", "content": it.question}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"]
-            prompt = list(prompt)
-            full = [prompt + _encode(tok, c, False) for c in it.choices]
+            prompt = list(tok.apply_chat_template([{"role": "user", "content": it.question}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
         else:
             prompt = _encode(tok, it.question, True)
-            full = [prompt + _encode(tok, c, False) for c in it.choices]
-        spans.append((len(seqs), len(it.choices), [len(f) - len(prompt) for f in full]))
-        seqs += [(f, len(prompt)) for f in full]
-    lps = sequence_logprobs(model, seqs, opts.batch_size)
+        return [(prompt + _encode(tok, c, False), len(prompt)) for c in it.choices]
+
+    per_item = per_item_logprobs(model, items, sequences, opts.batch_size)
     out = []
-    for it, (a, n, lens) in zip(progress(items), spans, strict=True):
-        scores = lps[a: a + n]
+    for it, scores in zip(progress(items), per_item, strict=True):
+        lens = [len(_encode(tok, c, False)) for c in it.choices]  # each completion's tokens
         if o.reduction == "mean":
             scores = [s / max(k, 1) for s, k in zip(scores, lens, strict=True)]
         out.append({**mc_metrics(scores, it.labels, _best_index(it)), "scores": scores})

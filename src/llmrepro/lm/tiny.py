@@ -8,7 +8,6 @@ then loaded like any local checkpoint, through `from_pretrained`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def _fingerprint(name: str, overrides: dict) -> str:
     """Changes whenever the architecture, its overrides, the tokenizer settings or its training text do."""
     blob = json.dumps({"arch": ARCHITECTURES[name], "overrides": overrides, "tok": TOKENIZER_VERSION,
                        "vocab": VOCAB_SIZE, "corpus": io.sha256_text("\n".join(corpus()))}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return io.sha256_text(blob)[:12]
 
 
 def build(name: str, path: Path, overrides: dict | None = None) -> None:

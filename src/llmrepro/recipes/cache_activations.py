@@ -47,7 +47,7 @@ class Config(RecipeConfig):
 def run(cfg: Config, ctx) -> dict:
     import torch
 
-    from llmrepro.lm import mc
+    from llmrepro.lm import layers, mc
     from llmrepro.lm.models import load_model, load_tokenizer
     from llmrepro.representations import activations, datasets, hooks
 
@@ -64,7 +64,7 @@ def run(cfg: Config, ctx) -> dict:
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, ctx=ctx).eval()
     n_heads, head_dim = hooks.head_shape(model)
-    metrics: dict = {"layers": len(hooks.decoder_layers(model)), "heads": n_heads, "head_dim": head_dim}
+    metrics: dict = {"layers": len(layers.decoder_layers(model)), "heads": n_heads, "head_dim": head_dim}
     total, started = 0, time.perf_counter()
     for d in cfg.datasets:
         st = data[d.key]

@@ -111,7 +111,9 @@ def run(cfg: Config, ctx) -> dict:
 
     import torch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    from llmrepro.lm.models import default_device
+
+    device = default_device() if cfg.device == "auto" else cfg.device
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -39,7 +39,6 @@ Deliberate differences from the source:
 from __future__ import annotations
 
 import csv
-import io as io_
 import json
 import re
 from pathlib import Path
@@ -102,11 +101,7 @@ class Config(RecipeConfig):
 def read_dot_products(paths: list[Path]) -> dict:
     parts = []
     for path in paths:
-        p = path / "dot_products.json"
-        try:
-            parts.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{p}: not a dot-products file ({err})") from None
+        parts.append(io.read_user_json(path / "dot_products.json", "not a dot-products file"))
     return similarity.merge(parts)
 
 
@@ -139,10 +134,7 @@ def load_projected(cfg: Config, ctx, num_params: int) -> dict[str, tuple[int, di
 
 
 def read_values(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read the source's values.json ({err})") from None
+    data = io.read_user_json(path, "cannot read the source's values.json")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected an object {{tensor: value}}")
     return data
@@ -337,12 +329,9 @@ def write_source_layout(result: dict, out: Path) -> list[str]:
     for p, cands in result["divergent_samples"].items():
         path = out / "results" / "self_similarity_over_layers" / p / "gradient_similarities_over_layers.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io_.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["layer", *[f"{p} <=> {o}" for o in cands]])
-        for i, name in enumerate(tensors):
-            w.writerow([short_name(name), *[repr(float(v[i])) for v in cands.values()]])
-        io.write_text(path, buf.getvalue())
+        io.write_text(path, io.csv_text(["layer", *[f"{p} <=> {o}" for o in cands]],
+                                        ([short_name(name), *[repr(float(v[i])) for v in cands.values()]]
+                                         for i, name in enumerate(tensors))))
         written.append(str(path.relative_to(out)))
     return written
 
@@ -396,13 +385,11 @@ def per_tensor_csv(result: dict, compared: dict | None) -> str:
     cols = ["tensor", "component", "depth", "params", "percent_params", "accuracy", "layer_vs_full",
             "pearson_vs_full", "spearman_vs_full"]
     extra = ["source_accuracy", "accuracy_diff", "source_layer_vs_full", "layer_vs_full_diff"] if compared else []
-    buf = io_.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols + extra)
+    rows = []
     for name, t in result["tensors"].items():
         src = compared["tensors"].get(name, {}) if compared else {}
-        w.writerow([name] + [t[c] for c in cols[1:]] + [src.get(c, "") for c in extra])
-    return buf.getvalue()
+        rows.append([name] + [t[c] for c in cols[1:]] + [src.get(c, "") for c in extra])
+    return io.csv_text(cols + extra, rows)
 
 
 def plot(result: dict, out: Path) -> list[str]:

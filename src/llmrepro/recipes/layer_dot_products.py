@@ -93,14 +93,14 @@ def per_tensor_csv(table: dict) -> str:
     labels = list(table["projections"])
     cols = ["tensor", "component", "params", "accuracy_full"]
     cols += [f"{c}_{label}" for label in labels for c in ("dims", "method", "accuracy", "agreement")]
-    lines = [",".join(cols)]
+    rows = []
     for n, t in table["tensors"].items():
         row = [n, t["component"], t["params"], t["accuracy_full"]]
         for label in labels:
             got = t.get(label, {})
             row += [got.get(c, "") for c in ("dims", "method", "accuracy", "agreement")]
-        lines.append(",".join(str(x) if x is not None else "" for x in row))
-    return "\n".join(lines) + "\n"
+        rows.append(row)
+    return io.csv_text(cols, rows)
 
 
 def report(table: dict) -> str:

@@ -443,7 +443,9 @@ def _measure(cfg: Config, out: Path) -> dict:
             logs += [e for e in trainer.state.log_history if "loss" in e]  # each train() starts a new state
         (out / "time_test.txt").write_text("".join(f"{s}\n" for s in trials))  # the source's file, one per line
         kept = trials[tt.drop_first:]
-        low, high = percentile_bootstrap(kept, tt.resamples, tt.confidence, cfg.seed)
+        from llmrepro.lm import mc  # the thesis' bootstrap_CI (the same function mc-eval's intervals use)
+
+        low, high = mc.bootstrap_ci(kept, alpha=1 - tt.confidence, k=tt.resamples, seed=cfg.seed)
         metrics.update(trial_time_s=sum(kept) / len(kept), trial_time_ci_low=low, trial_time_ci_high=high,
                        trials=tt.trials, trials_kept=len(kept))
         if not tt.keep_checkpoints:
@@ -479,19 +481,6 @@ def _measure(cfg: Config, out: Path) -> dict:
         metrics["peak_memory_mb"] = memory.peak_mb()  # the process's lifetime peak
     metrics["inputs"] = inputs.records
     return metrics
-
-
-def percentile_bootstrap(values: list[float], resamples: int, confidence: float, seed: int) -> tuple[float, float]:
-    """The notebook's `bootstrap_CI`: means of `resamples` resamples (with replacement, of the full size),
-    sorted; the values at indices floor(k a/2) and ceil(k (1 - a/2)), a = 1 - confidence. Seeded (the
-    notebook's draw was not)."""
-    import numpy as np
-
-    sample = np.asarray(values, dtype=float)
-    means = np.sort(np.random.default_rng(seed).choice(sample, (resamples, len(sample)), replace=True).mean(axis=1))
-    alpha = 1 - confidence
-    low, high = math.floor(resamples * alpha / 2), math.ceil(resamples * (1 - alpha / 2))
-    return float(means[low]), float(means[min(high, resamples - 1)])
 
 
 def run(cfg: Config, ctx) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmrepro.core import io
+from llmrepro.lm import layers
 from llmrepro.representations import hooks
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class LastTokenCapture:
             for i, proj in enumerate(hooks.out_projections(self.model)):
                 self._handles.append(proj.register_forward_pre_hook(self._pre_hook(i)))
         if self.want_resid:
-            for i, layer in enumerate(hooks.decoder_layers(self.model)):
+            for i, layer in enumerate(layers.decoder_layers(self.model)):
                 self._handles.append(layer.register_forward_hook(self._post_hook(i)))
         return self
 
@@ -63,18 +64,18 @@ class LastTokenCapture:
 
     def _post_hook(self, i):
         def hook(module, args, output):
-            self.resid[i] = self._rows(hooks.layer_output(output)).detach().float().cpu()
+            self.resid[i] = self._rows(layers.layer_output(output)).detach().float().cpu()
         return hook
 
     def run(self, input_ids, attention_mask):
         """One batch: (heads (B, L, H, d) or None, resid (B, L, D) or None) as float32 numpy."""
         import torch
 
-        n_layers = len(hooks.decoder_layers(self.model))
+        n_layers = len(layers.decoder_layers(self.model))
         self.heads, self.resid = [None] * n_layers, [None] * n_layers
         self.last = attention_mask.sum(-1) - 1
-        # the backbone without its LM head: the hooks see the same modules, and the (B, T, vocab) logits, a fifth
-        # of a small model's work (SmolLM2: 49,152 x 576), are never read
+        # the backbone without its LM head: the hooks see the same modules, and the (B, T, vocab) logits, never
+        # read, were a third of SmolLM2-135M's CPU time (vocabulary 49,152 x 576; benchmarks/activation_cache.py)
         backbone = getattr(self.model, "base_model", self.model)
         with torch.inference_mode():
             backbone(input_ids=input_ids, attention_mask=attention_mask)
@@ -137,7 +138,7 @@ def cache(model, tok, statements: list[str], labels, groups, out_dir: Path, batc
 
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    n_layers, (n_heads, head_dim) = len(hooks.decoder_layers(model)), hooks.head_shape(model)
+    n_layers, (n_heads, head_dim) = len(layers.decoder_layers(model)), hooks.head_shape(model)
     hidden = getattr(getattr(model.config, "text_config", None) or model.config, "hidden_size", None) or \
         model.config.n_embd
     n = len(statements)

@@ -1,35 +1,18 @@
-"""Where the representations live in a decoder: its layers, each layer's attention output projection (whose input
-is the per-head attention output, concatenated) and the head geometry, found by name for any supported family.
+"""Where the representations live in a decoder: each layer's attention output projection (whose input is the
+per-head attention output, concatenated) and the head geometry, found by name for any supported family; the
+layers themselves come from `llmrepro.lm.layers`.
 
 The thesis patched OPT (`model.model.layers = model.model.decoder.layers`, `o_proj = out_proj`, Detection cell 11);
-finding the modules by name makes the patch unnecessary. A decoder layer returns a tensor in transformers 5 and a
-tuple (hidden, ...) before: `layer_output` takes either.
+finding the modules by name makes the patch unnecessary.
 """
 
 from __future__ import annotations
 
 from llmrepro.core.errors import UserError
+from llmrepro.lm.layers import decoder_layers
 
-LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.model.layers",
-               "base_model.model.model.layers", "base_model.model.model.decoder.layers")
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense")
-
-
-def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def decoder_layers(model) -> list:
-    for path in LAYER_PATHS:
-        layers = _get(model, path)
-        if layers is not None and len(layers):
-            return list(layers)
-    raise UserError(f"{type(model).__name__}: cannot find its decoder layers (looked for {', '.join(LAYER_PATHS)})")
 
 
 def out_projections(model) -> list:
@@ -54,8 +37,3 @@ def head_shape(model) -> tuple[int, int]:
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     return int(heads), int(head_dim)
-
-
-def layer_output(output):
-    """The hidden states a decoder layer returned: the tensor itself (transformers 5) or the first tuple entry."""
-    return output[0] if isinstance(output, (tuple, list)) else output

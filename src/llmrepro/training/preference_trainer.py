@@ -22,6 +22,7 @@ from trl import DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from llmrepro.core.errors import UserError
+from llmrepro.lm.layers import decoder_parts, layer_output
 from llmrepro.training import preference as P
 
 try:  # TRL 1.16 keeps it in trl.models.utils
@@ -39,18 +40,6 @@ def check_plain_model(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------- hidden states
-
-
-def decoder_parts(model):
-    """(input embeddings, decoder layers, final norm) of a causal LM, under a PeftModel wrapper if any."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
-    layers = next((getattr(inner, n) for n in ("layers", "h", "blocks") if hasattr(inner, n)), None)
-    norm = next((getattr(inner, n) for n in ("norm", "ln_f", "final_layer_norm", "final_layernorm")
-                 if getattr(inner, n, None) is not None), None)
-    if layers is None or norm is None:
-        raise UserError(f"{type(base).__name__}: cannot find its decoder layers and final norm for hidden states")
-    return inner.get_input_embeddings(), layers, norm
 
 
 class HiddenStateCapture:
@@ -72,7 +61,7 @@ class HiddenStateCapture:
         self.handles = []
 
     def _hook(self, slot, module, args, output):
-        self.slots[slot].append(output[0] if isinstance(output, tuple) else output)
+        self.slots[slot].append(layer_output(output))
 
     def __enter__(self):
         self.handles = [m.register_forward_hook(lambda mod, a, out, s=s: self._hook(s, mod, a, out))

@@ -7,6 +7,5 @@ queued (`llmrepro plan`, `invoke slurm`); and out-of-memory failures recorded in
     tracker       torch's MemTracker reduced to global and per-phase accounting (and a CPU memory cap)
     estimate      the measured step composed with ZeRO partitioning, offload, DDP, quantization, the reserve
     oom           memory caps, OOM snapshots, the outcome's figures
-    allocator     what the allocator really handed out (the benchmark's and tests' measured peaks)
     architectures.json  the catalog's hub models' configs, for planning without the hub
 """

@@ -267,14 +267,13 @@ CACHE_VERSION = 1  # bump when what a step measures changes
 
 def _cache_path(step: Step):
     """Where a measured step is kept between processes: keyed by the step and the library versions it ran."""
-    import hashlib
     from importlib.metadata import version
 
     from llmrepro.core import io
 
     libraries = [version(name) for name in ("torch", "transformers", "peft")]
     key = json.dumps([CACHE_VERSION, libraries, step.__dict__], sort_keys=True)
-    return io.cache_dir() / "planner" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return io.cache_dir() / "planner" / f"{io.sha256_text(key)[:24]}.json"
 
 
 @functools.lru_cache(maxsize=256)
