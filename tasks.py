@@ -175,8 +175,9 @@ def _pins(lock_file: str, out: str, drop: tuple[str, ...] = ()) -> None:
     """Write `name==version` of every pin of `lock_file` (less the names in `drop`) as a constraints file."""
     from pathlib import Path
 
-    pins = [line.split()[0] for line in Path(lock_file).read_text().splitlines()
-            if line[:1].isalnum() and "==" in line and line.split("==")[0] not in drop]
+    from llmrepro.core.provenance import lock_pins
+
+    pins = [f"{name}=={version}" for name, version in lock_pins(Path(lock_file).read_text()).items() if name not in drop]
     Path(out).write_text("\n".join(pins) + "\n")
 
 

@@ -79,14 +79,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import os
-
     from llmrepro.core import catalog, distributed, io, results, runs
 
     spec = catalog.load(args.experiment).run_spec(args.profile, args.overrides)
     final = runs.execute(spec, args.output_dir, run_id=args.run_id, resume=args.resume, force=args.force,
                          wait=args.wait)
-    if distributed.world_size() > 1 and int(os.environ.get("RANK", 0)) > 0:
+    if distributed.rank() > 0:
         return 0  # rank 0 publishes the run (after every rank is done) and reports it
     reference = io.read_json(final / "metrics.json").get("reference")
     if reference:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import cluster, wait
 
 from llmrepro.core import catalog
 from llmrepro.launch import slurm
@@ -25,28 +24,10 @@ SFT = "instruct/dolly-pythia-2.8b"
 ROOT = Path(__file__).resolve().parents[2]
 # the global token mean (transformers 5's default), so that 2 x batch 4 equals 1 x batch 8 whatever the lengths
 STEPS = ["train.max_steps=4", "train.logging_steps=1", "train.average_tokens_across_devices=true"]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
-
-
-def _cluster_up() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
-    return " is UP" in ping.stdout
-
-
-def _wait(job_id: str, timeout: float = 600) -> set[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = {j["JobState"] for j in slurm.jobs(job_id)}
-        if states <= FINAL:
-            return states
-        time.sleep(2)
-    raise TimeoutError(f"job {job_id} still {states} after {timeout} s")
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(not _cluster_up(), reason="no SLURM cluster (bash scripts/slurm-cluster.sh start)")
+@cluster
 def test_zero2_two_processes_match_one_process(tmp_path, cli):
     pytest.importorskip("deepspeed")
     # one process first: it also builds the tiny model, which two ranks must not build at once
@@ -61,7 +42,7 @@ def test_zero2_two_processes_match_one_process(tmp_path, cli):
     assert "train.deepspeed=zero2" in script.text and "srun --ntasks-per-node=1 torchrun" in script.text
     [job] = slurm.submit([script])
     log = tmp_path / "cluster" / SFT / "slurm" / f"{script.path.stem}.{job}.log"
-    assert _wait(job) == {"COMPLETED"}, log.read_text()[-3000:]
+    assert wait(job, timeout=600) == {"COMPLETED"}, log.read_text()[-3000:]
     run_dir = tmp_path / "cluster" / SFT / script.path.stem
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["world_size"] == 2

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import time
 
 import pytest
 import torch
 import yaml
+from slurm_cluster import cluster, wait
 
 from llmrepro.core import catalog
 from llmrepro.core.errors import UserError
@@ -191,28 +190,6 @@ def test_unreachable_controller_is_one_clear_error(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- on a real cluster
-
-
-def _cluster_up() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
-    return " is UP" in ping.stdout
-
-
-cluster = pytest.mark.skipif(not _cluster_up(), reason="no SLURM cluster (bash scripts/slurm-cluster.sh start)")
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
-
-
-def wait(job_id: str, timeout: float = 400) -> set[str]:
-    """The final states of a job's tasks (or of the job), once none is pending or running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = {j["JobState"] for j in slurm.jobs(job_id)}
-        if states <= FINAL:
-            return states
-        time.sleep(1)
-    raise TimeoutError(f"job {job_id} still {states} after {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def rank() -> int:
+    """This process' rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def setup() -> tuple[int, object]:
     """(rank, a gloo group for coordination) under torchrun with several processes, else (0, None)."""
     if world_size() == 1:

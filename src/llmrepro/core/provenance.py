@@ -65,6 +65,7 @@ SOURCE_ROOT = Path(llmrepro.__file__).resolve().parents[2]  # a source checkout:
 
 
 def normalise(name: str) -> str:
+    """A distribution name as PyPI compares them (PEP 503's rule; `packaging` is not a declared dependency)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 

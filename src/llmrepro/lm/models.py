@@ -35,7 +35,7 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
     device_map: str | None = None  # e.g. "auto" (accelerate) or "cpu"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes (4bit: nf4); needs a CUDA GPU
+    quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes (4bit: of quant_type); needs a CUDA GPU
     quant_compute_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"  # 4bit: the matmul dtype
     quant_type: Literal["nf4", "fp4"] = "nf4"  # 4bit: bitsandbytes' data type (fp4 is its default, the thesis' runs)
     lora: LoraSpec | None = None

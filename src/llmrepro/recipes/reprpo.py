@@ -60,18 +60,12 @@ class Config(PreferenceConfig):
     repr_weight: float = Field(1.0, ge=0)
     weight_temperature: float = Field(30.0, gt=0)  # softmax(-T * logits) over the micro-batch
 
-    @field_validator("loss")
+    @field_validator("loss", "schedule")
     @classmethod
-    def _loss(cls, v: str) -> str:
-        if v not in REPR_LOSSES:
-            raise ValueError(f"unknown loss '{v}' (known: {', '.join(REPR_LOSSES)})")
-        return v
-
-    @field_validator("schedule")
-    @classmethod
-    def _schedule(cls, v: str) -> str:
-        if v not in SCHEDULES:
-            raise ValueError(f"unknown schedule '{v}' (known: {', '.join(SCHEDULES)})")
+    def _known(cls, v: str, info) -> str:
+        table = {"loss": REPR_LOSSES, "schedule": SCHEDULES}[info.field_name]  # the name -> function tables
+        if v not in table:
+            raise ValueError(f"unknown {info.field_name} '{v}' (known: {', '.join(table)})")
         return v
 
     @field_validator("layers")
